@@ -1,0 +1,5 @@
+"""Displays and hooks around a federated run."""
+
+from tapl.callbacks.progress import RoundProgress
+
+__all__ = ["RoundProgress"]

@@ -1,0 +1,134 @@
+"""The client module: one client's slice of the shared foundation model as a ``LightningModule``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from tapl.datamodules.collate import TaskBatch, batch_size
+from tapl.models.foundation import FoundationModel
+from tapl.tasks import Task
+
+#: Builds the optimizer of a visit from the parameters to train.
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+#: ``(module, task_loss) -> loss to optimise``: how an algorithm changes the local objective (e.g. FedProx).
+LossFn = Callable[["ClientModule", Tensor], Tensor]
+
+
+class ClientModule(LightningModule):
+    """Trains and evaluates one client's slice of the shared :class:`FoundationModel`.
+
+    A batch holds samples of one or more tasks (see :class:`~tapl.datamodules.collate.MultiTaskCollator`).
+    The training loss is the sum of each task's mean loss weighted by its share of the batch, so every sample
+    counts the same whatever its task; an algorithm may add terms through ``loss_fn``. Validation and test
+    compute, per task, the sample-weighted mean loss and the task type's metrics.
+
+    Args:
+        model: The shared foundation model, with this client's tensors already loaded into it.
+        tasks: The client's tasks.
+        components: The components this module trains (the client's slice).
+        optimizer: Builds the optimizer from the slice's parameters.
+        lr: Overrides the optimizer's learning rate for this module (e.g. post-federation fine-tuning).
+        loss_fn: Changes the training objective, given the module and the task loss.
+    """
+
+    def __init__(
+        self,
+        model: FoundationModel,
+        tasks: Sequence[Task],
+        components: Sequence[str],
+        optimizer: OptimizerFactory,
+        lr: float | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = {t.name: t for t in tasks}
+        self.components = list(components)
+        self.optimizer_factory = optimizer
+        self.lr = lr
+        self.loss_fn = loss_fn
+        self.eval_metrics = nn.ModuleDict({t.name: t.task_type.metrics(t) for t in tasks})
+        self.eval_loss = nn.ModuleDict({t.name: MeanMetric() for t in tasks})
+        self._train_loss_sum: dict[str, Tensor] = {}
+        self._train_samples: dict[str, int] = {}
+        self.eval_results: dict[str, dict[str, float]] = {}
+
+    def task_losses(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """Mean loss of each task present in ``batch``."""
+        losses = {}
+        for name, part in batch.items():
+            outputs = self.model(name, part["inputs"])
+            losses[name] = self.tasks[name].task_type.loss(outputs, part["targets"])
+        return losses
+
+    @override
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+        total = batch_size(batch)
+        losses = self.task_losses(batch)
+        loss = torch.zeros((), device=self.device)
+        for name, task_loss in losses.items():
+            n = len(batch[name]["targets"])
+            loss = loss + task_loss * (n / total)
+            detached = task_loss.detach() * n
+            self._train_loss_sum[name] = self._train_loss_sum.get(name, 0) + detached
+            self._train_samples[name] = self._train_samples.get(name, 0) + n
+        if self.loss_fn is not None:
+            loss = self.loss_fn(self, loss)
+        return loss
+
+    def train_loss(self) -> dict[str, float]:
+        """Running mean training loss per task over this module's training so far (sample-weighted)."""
+        return {t: float(self._train_loss_sum[t]) / self._train_samples[t] for t in self._train_loss_sum}
+
+    def _eval_step(self, batch: TaskBatch) -> None:
+        for name, part in batch.items():
+            task = self.tasks[name]
+            outputs = self.model(name, part["inputs"])
+            targets = part["targets"]
+            self.eval_loss[name].update(task.task_type.loss(outputs, targets), weight=len(targets))
+            self.eval_metrics[name].update(outputs, targets)
+
+    def _eval_epoch_end(self) -> None:
+        results: dict[str, dict[str, float]] = {}
+        for name in self.tasks:
+            loss_metric = self.eval_loss[name]
+            if not loss_metric.update_called:
+                continue
+            values = {"loss": float(loss_metric.compute())}
+            values.update({k: float(v) for k, v in self.eval_metrics[name].compute().items()})
+            values["samples"] = float(loss_metric.weight)
+            results[name] = values
+            loss_metric.reset()
+            self.eval_metrics[name].reset()
+        self.eval_results = results
+
+    @override
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    @override
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    @override
+    def configure_optimizers(self) -> Optimizer:
+        optimizer = self.optimizer_factory(self.model.parameters_of(self.components))
+        if self.lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+        return optimizer

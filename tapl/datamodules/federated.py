@@ -1,0 +1,326 @@
+"""The federated data module: task datasets, their split into train/val/test, and their partition over clients.
+
+Each task's rows come from Hugging Face ``datasets`` (a hub name, a local file through a builder such as
+``parquet``, or a file that a ``prepare`` callable writes from data an installed package ships). The task's
+pool is shuffled once (seeded) and cut into train/val/test. The clients that hold a task share its rows: a
+partitioner draws one client-by-class proportion matrix from the training labels and applies it to all
+three splits, so a client's train, val and test splits have the same label mix and never share a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tapl.datamodules.collate import MultiTaskCollator
+from tapl.datamodules.partitioners import IID, Partitioner
+from tapl.tasks import Task
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TaskData:
+    """A task of the federation and where its data comes from.
+
+    Args:
+        name: Unique task name.
+        type: Task type, e.g. ``classification``.
+        inputs: Column holding each input modality, e.g. ``{"text": "sentence"}`` or ``{"image": "img"}``.
+        target: Column holding the target (the class index for classification).
+        num_classes: Number of classes (classification); targets must lie in ``[0, num_classes)``.
+        dataset: What ``datasets.load_dataset`` loads: a hub name, a builder (``parquet``, ``csv``, ``json``,
+            ``imagefolder``) or a local path.
+        data_files: Files for a builder.
+        prepare: A callable (by dotted path in YAML) that writes the data file and returns its path; its
+            result becomes ``data_files``. Used for data that installed packages ship.
+        split: Split of the loaded dataset that forms the task's pool.
+        max_rows: Keep a seeded random subset of this many rows of the pool (``None``: all).
+        val_fraction: Share of the pool held out for validation.
+        test_fraction: Share of the pool held out for testing.
+        head_hidden: Hidden width of the task head (``None``: the encoder width).
+    """
+
+    name: str
+    inputs: dict[str, str]
+    target: str
+    dataset: str
+    type: str = "classification"
+    num_classes: int = 0
+    data_files: str | list[str] | dict[str, str] | None = None
+    prepare: Callable[[], str | Path] | None = None
+    split: str = "train"
+    max_rows: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    head_hidden: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError(f"Task {self.name!r}: val_fraction and test_fraction must lie in [0, 1).")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"Task {self.name!r}: val_fraction + test_fraction must be < 1.")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"Task {self.name!r}: max_rows must be >= 1.")
+
+    def to_task(self) -> Task:
+        """The model-facing declaration of this task."""
+        return Task(
+            name=self.name,
+            type=self.type,
+            modalities=tuple(self.inputs),
+            num_classes=self.num_classes,
+            head_hidden=self.head_hidden,
+        )
+
+
+@dataclass
+class ClientGroup:
+    """``count`` clients that hold the same tasks.
+
+    Args:
+        tasks: Names of the tasks these clients hold.
+        count: How many such clients.
+    """
+
+    tasks: list[str]
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("A client group needs at least one task.")
+        if self.count < 1:
+            raise ValueError(f"Client group {self.tasks}: count must be >= 1, got {self.count}.")
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """One client: its index and the tasks it holds."""
+
+    id: int
+    tasks: tuple[str, ...]
+
+
+class ClientDataset(Dataset):
+    """One split of one client: the rows of each of its tasks, tagged with the task."""
+
+    def __init__(self, parts: list[tuple[TaskData, Any]]) -> None:
+        self._parts = parts
+        self._offsets = np.cumsum([0] + [len(rows) for _, rows in parts])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def num_samples(self, task: str) -> int:
+        """Rows of ``task`` in this split."""
+        return sum(len(rows) for spec, rows in self._parts if spec.name == task)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        spec, rows = self._parts[part]
+        row = rows[int(index - self._offsets[part])]
+        return {
+            "task": spec.name,
+            "inputs": {m: row[column] for m, column in spec.inputs.items()},
+            "target": row[spec.target],
+        }
+
+
+class FederatedDataModule:
+    """Tasks, clients, and each client's train/val/test data.
+
+    Args:
+        tasks: The federation's tasks and their data.
+        clients: Client groups; clients are numbered in the order listed.
+        partitioner: How each task's rows are shared among the clients that hold it.
+        batch_size: Samples per batch, for training and evaluation.
+        num_workers: Data loader worker processes.
+        seed: Seed of the pool shuffles and the partition (independent of the training seed, so the data
+            stays fixed while training seeds vary).
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskData],
+        clients: list[ClientGroup],
+        partitioner: Partitioner | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        names = [t.name for t in tasks]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"data.tasks: task names {duplicated} are declared more than once.")
+        unknown = sorted({t for g in clients for t in g.tasks} - set(names))
+        if unknown:
+            raise ValueError(f"data.clients refer to unknown tasks {unknown}; declared tasks: {names}.")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        self.task_data = {t.name: t for t in tasks}
+        self.tasks: dict[str, Task] = {t.name: t.to_task() for t in tasks}
+        specs, next_id = [], 0
+        for group in clients:
+            for _ in range(group.count):
+                specs.append(ClientSpec(next_id, tuple(group.tasks)))
+                next_id += 1
+        self.clients: list[ClientSpec] = specs
+        self.partitioner = partitioner or IID()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self._datasets: dict[int, dict[str, ClientDataset]] | None = None
+
+    @property
+    def task_list(self) -> list[Task]:
+        """The tasks, in declaration order (what the model builds heads for)."""
+        return list(self.tasks.values())
+
+    @property
+    def num_clients(self) -> int:
+        """Number of clients."""
+        return len(self.clients)
+
+    def setup(self) -> None:
+        """Load, validate, split and partition every task's data (once)."""
+        if self._datasets is not None:
+            return
+        per_client: dict[int, dict[str, list[tuple[TaskData, Any]]]] = {
+            c.id: {s: [] for s in SPLITS} for c in self.clients
+        }
+        for index, spec in enumerate(self.task_data.values()):
+            holders = [c.id for c in self.clients if spec.name in c.tasks]
+            if not holders:
+                log.warning("Task %r is held by no client; its data is not loaded.", spec.name)
+                continue
+            splits = self._load_splits(spec, np.random.default_rng([self.seed, index]))
+            rng = np.random.default_rng([self.seed, index, 1])
+            labels = {s: self._labels(spec, rows) for s, rows in splits.items()}
+            proportions = self.partitioner.proportions(
+                labels["train"], len(holders), self._num_label_classes(spec), rng
+            )
+            for split, rows in splits.items():
+                for client, indices in zip(
+                    holders, self.partitioner.split(labels[split], proportions, rng), strict=True
+                ):
+                    per_client[client][split].append((spec, rows.select(indices)))
+        for client, parts in per_client.items():
+            for split, task_parts in parts.items():
+                for spec, rows in task_parts:
+                    if len(rows) == 0 and split != "val":
+                        raise ValueError(
+                            f"Client {client} has no {split} rows of task {spec.name!r}: use fewer clients for "
+                            "this task, more data (max_rows), or a less skewed partitioner."
+                        )
+        self._datasets = {c: {s: ClientDataset(p) for s, p in parts.items()} for c, parts in per_client.items()}
+
+    def _load_splits(self, spec: TaskData, rng: np.random.Generator) -> dict[str, Any]:
+        from datasets import load_dataset
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+
+        data_files = spec.data_files
+        if spec.prepare is not None:
+            data_files = str(spec.prepare())
+        if isinstance(data_files, str):
+            files = [data_files]
+        elif isinstance(data_files, dict):
+            files = list(data_files.values())
+        else:
+            files = list(data_files or [])
+        missing = [f for f in files if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
+        if missing:
+            raise FileNotFoundError(f"Task {spec.name!r}: data file(s) not found: {missing}")
+        try:
+            pool = load_dataset(spec.dataset, data_files=data_files, split=spec.split)
+        except Exception as error:
+            raise RuntimeError(f"Task {spec.name!r}: could not load dataset {spec.dataset!r}: {error}") from error
+        columns = [*spec.inputs.values(), spec.target]
+        absent = [c for c in columns if c not in pool.column_names]
+        if absent:
+            raise ValueError(f"Task {spec.name!r}: dataset has no column(s) {absent}; it has {pool.column_names}.")
+        pool = pool.select_columns(sorted(set(columns)))
+        order = rng.permutation(len(pool))
+        if spec.max_rows is not None:
+            order = order[: spec.max_rows]
+        n_test = round(len(order) * spec.test_fraction)
+        n_val = round(len(order) * spec.val_fraction)
+        cuts = {
+            "test": order[:n_test],
+            "val": order[n_test : n_test + n_val],
+            "train": order[n_test + n_val :],
+        }
+        return {s: pool.select(np.sort(cuts[s])) for s in SPLITS}
+
+    def _labels(self, spec: TaskData, rows: Any) -> np.ndarray:
+        task = self.tasks[spec.name]
+        if task.type != "classification":
+            return np.zeros(len(rows), dtype=np.int64)
+        labels = np.asarray(rows[spec.target])
+        if labels.size and (not np.issubdtype(labels.dtype, np.integer)):
+            raise ValueError(f"Task {spec.name!r}: target column {spec.target!r} must hold integer class indices.")
+        bad = np.flatnonzero((labels < 0) | (labels >= task.num_classes))
+        if bad.size:
+            raise ValueError(
+                f"Task {spec.name!r}: column {spec.target!r} holds label {labels[bad[0]]} (row {bad[0]} of its "
+                f"split) outside [0, {task.num_classes}); {bad.size} such rows."
+            )
+        return labels.astype(np.int64)
+
+    def _num_label_classes(self, spec: TaskData) -> int:
+        task = self.tasks[spec.name]
+        return task.num_classes if task.type == "classification" else 1
+
+    # -- per-client access --------------------------------------------------------------------------------
+
+    def dataset(self, client: int, split: str) -> ClientDataset:
+        """The ``split`` rows of ``client`` (``split`` is ``train``, ``val`` or ``test``)."""
+        if self._datasets is None:
+            self.setup()
+        assert self._datasets is not None
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self._datasets[client][split]
+
+    def num_samples(self, client: int, split: str = "train") -> int:
+        """Rows of ``client``'s ``split``, over all its tasks."""
+        return len(self.dataset(client, split))
+
+    def train_dataloader(self, client: int, collate: MultiTaskCollator, seed: int) -> DataLoader:
+        """A shuffled loader over ``client``'s training rows; ``seed`` fixes the order."""
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            self.dataset(client, "train"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    def eval_dataloader(self, client: int, split: str, collate: MultiTaskCollator) -> DataLoader:
+        """An ordered loader over ``client``'s ``split`` rows."""
+        return DataLoader(
+            self.dataset(client, split),
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this federation's layout, stored in checkpoints to refuse a mismatched resume."""
+        return {
+            "tasks": sorted(self.tasks),
+            "clients": [list(c.tasks) for c in self.clients],
+        }

@@ -1,0 +1,462 @@
+"""The federated orchestrator: rounds, client sampling, visits, aggregation, evaluation, logs, checkpoints.
+
+One round, as data flows: sample clients (seeded by ``(seed, round)``) -> for each,
+``algorithm.client_update(ctx)`` drives one or more ``Trainer.fit`` on the client's slice -> uploads ->
+``algorithm.aggregate`` -> evaluation every ``eval_every`` rounds -> ``metrics.jsonl`` and TensorBoard ->
+checkpoint every ``checkpoint_every`` rounds. Every random choice is derived from the seed and the round,
+client and call it belongs to, so runs are reproducible, resumable and identical on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torch.optim import AdamW, Optimizer
+
+from tapl.algorithms.base import Algorithm
+from tapl.callbacks.progress import RoundProgress
+from tapl.client import ClientModule, LossFn, OptimizerFactory
+from tapl.components import (
+    ComponentMismatchError,
+    ComponentState,
+    check_state,
+    clone,
+    non_finite_components,
+    num_bytes,
+    select,
+    shapes_of,
+)
+from tapl.context import ClientContext, ClientUpdate, FitResult
+from tapl.datamodules.collate import MultiTaskCollator
+from tapl.datamodules.federated import ClientSpec, FederatedDataModule
+from tapl.models.foundation import FoundationModel
+from tapl.reporting import results_table, summarize
+from tapl.run_dir import FINAL, RunDirectory, RunDirError
+from tapl.visit_trainer import VisitTrainers, quiet_lightning
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FederationConfig:
+    """Settings of the federated loop (``--federation.*``).
+
+    Args:
+        rounds: Total number of rounds; resuming with a larger value continues to it.
+        clients_per_round: Clients sampled per round: an int is a count, a float in (0, 1] a fraction.
+        local_steps: Optimizer steps of one local fit.
+        seed: Seed of model initialisation, client sampling and every local fit.
+        eval_every: Evaluate on every client's validation split every this many rounds (and after the last).
+        checkpoint_every: Write a checkpoint every this many rounds (and after the last).
+        progress: Show the progress display.
+    """
+
+    rounds: int = 10
+    clients_per_round: int | float = 0.5
+    local_steps: int = 10
+    seed: int = 0
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"federation.{name} must be >= 1, got {getattr(self, name)}")
+        k = self.clients_per_round
+        if isinstance(k, float) and not 0 < k <= 1:
+            raise ValueError(f"federation.clients_per_round as a fraction must lie in (0, 1], got {k}")
+        if isinstance(k, int) and k < 1:
+            raise ValueError(f"federation.clients_per_round must be >= 1, got {k}")
+
+    def num_sampled(self, num_clients: int) -> int:
+        """How many of ``num_clients`` clients one round samples."""
+        k = self.clients_per_round
+        if isinstance(k, float):
+            return max(1, round(k * num_clients))
+        if k > num_clients:
+            raise ValueError(f"federation.clients_per_round is {k} but the federation has {num_clients} clients")
+        return k
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 31-bit seed derived from ``seed`` and ``keys``; different keys give independent streams."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def default_optimizer(params: Iterable[nn.Parameter]) -> Optimizer:
+    """AdamW with the paper's settings (lr 3e-4, weight decay 0.01)."""
+    return AdamW(params, lr=3e-4, weight_decay=0.01)
+
+
+class FederatedOrchestrator:
+    """Runs a federation: the engine every algorithm plugs into.
+
+    Args:
+        model: The shared foundation model (every component of the server model).
+        data: The federated data (tasks, clients, splits).
+        algorithm: The federated algorithm.
+        federation: Loop settings.
+        run_dir: Where metrics, checkpoints and results go.
+        trainer: ``lightning.pytorch.Trainer`` keyword arguments for client visits (``--trainer.*``).
+        optimizer: Builds the optimizer of a local fit from the parameters to train.
+        config_text: The resolved configuration, written to ``run_dir/config.yaml``.
+    """
+
+    def __init__(
+        self,
+        model: FoundationModel,
+        data: FederatedDataModule,
+        algorithm: Algorithm,
+        federation: FederationConfig | None = None,
+        run_dir: str = "runs/default",
+        trainer: dict[str, Any] | None = None,
+        optimizer: OptimizerFactory = default_optimizer,
+        config_text: str | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.algorithm = algorithm
+        self.config = federation or FederationConfig()
+        self.run_dir = RunDirectory(run_dir)
+        self.trainers = VisitTrainers(trainer)
+        self.optimizer = optimizer
+        self.config_text = config_text
+        missing = sorted(set(data.tasks) - set(model.tasks))
+        if missing:
+            raise ValueError(f"The model has no heads for tasks {missing}: build it with the data's tasks.")
+        self.collate = MultiTaskCollator(data.tasks, model.preprocessors)
+        self.slices = {c.id: model.components_for(c.tasks) for c in data.clients}
+        self.global_state: ComponentState = model.get_state()
+        self.round = 0
+        self.finalized = False
+        self.client_records: dict[int, dict[str, int]] = {c.id: {"visits": 0, "failures": 0} for c in data.clients}
+        self._logger: TensorBoardLogger | None = None
+        self._progress: RoundProgress | None = None
+
+    # -- public entry points ------------------------------------------------------------------------------
+
+    def fit(self, ckpt_path: str | None = None) -> dict[str, Any]:
+        """Run (or resume) the federation to ``federation.rounds``, the post-federation stage and the test.
+
+        Args:
+            ckpt_path: ``"last"`` or a checkpoint directory to resume from; ``None`` starts a new run, which
+                requires an empty run directory.
+
+        Returns:
+            The final results (also written to ``results.json``).
+        """
+        started = time.perf_counter()
+        if ckpt_path is None and self.run_dir.holds_run():
+            raise RunDirError(
+                f"{self.run_dir.root} already holds a run. Resume it with --ckpt_path last, or choose another "
+                "--run_dir."
+            )
+        self.data.setup()
+        self.algorithm.setup(self)
+        if ckpt_path is not None:
+            self._restore(self.run_dir.resolve_checkpoint(ckpt_path))
+            if self.round > self.config.rounds:
+                raise RunDirError(
+                    f"The checkpoint is at round {self.round}, beyond --federation.rounds {self.config.rounds}."
+                )
+            self._rank_zero(self.run_dir.truncate_metrics, self.round)
+            self.finalized = self.finalized and self.round == self.config.rounds
+        self._write_config()
+        with RoundProgress(self.config.rounds, self.round, self.config.progress) as progress:
+            self._progress = progress
+            for round in range(self.round + 1, self.config.rounds + 1):
+                self._run_round(round)
+            if not self.finalized:
+                progress.print("post-federation stage")
+                self.algorithm.finalize(self.global_state)
+                self.finalized = True
+                self._save_checkpoint(FINAL)
+            results = self._final_results("test")
+            progress.print(
+                f"done: {self.config.rounds} rounds in {time.perf_counter() - started:.1f} s; "
+                f"results in {self.run_dir.root / 'results.md'}"
+            )
+        self._progress = None
+        return results
+
+    def test(self, ckpt_path: str | None = "last") -> dict[str, Any]:
+        """Evaluate a checkpointed run on every client's test split and write ``results.json``.
+
+        Args:
+            ckpt_path: ``"last"`` (the newest checkpoint of the run directory) or a checkpoint directory.
+        """
+        self.data.setup()
+        self.algorithm.setup(self)
+        self._restore(self.run_dir.resolve_checkpoint(ckpt_path or "last", prefer_final=True))
+        return self._final_results("test")
+
+    # -- services for algorithms --------------------------------------------------------------------------
+
+    def client(self, client: int) -> ClientSpec:
+        """The client with id ``client``."""
+        return self.data.clients[client]
+
+    def fit_client(
+        self,
+        client: ClientSpec,
+        state: ComponentState,
+        *,
+        seed_key: Sequence[int],
+        steps: int | None = None,
+        lr: float | None = None,
+        loss_fn: LossFn | None = None,
+        callbacks: Sequence[Callback] = (),
+        module_class: type[ClientModule] = ClientModule,
+    ) -> FitResult:
+        """One ``Trainer.fit`` of ``state`` on ``client``'s training data (see :meth:`ClientContext.fit`)."""
+        steps = steps or self.config.local_steps
+        seed = derive_seed(self.config.seed, *seed_key)
+        seed_everything(seed, workers=True, verbose=False)
+        components = sorted(state)
+        self.model.load_state(state, f"state fitted on client {client.id}")
+        self.model.set_trainable(components)
+        # Pretrained backbones load in eval mode; local training uses their dropout like any fine-tuning.
+        self.model.train()
+        module = module_class(
+            self.model, [self.data.tasks[t] for t in client.tasks], components, self.optimizer, lr, loss_fn
+        )
+        loader = self.data.train_dataloader(client.id, self.collate, seed)
+        with quiet_lightning():
+            trainer = self.trainers.fit_trainer(steps, callbacks)
+            trainer.fit(module, train_dataloaders=loader)
+        return FitResult(self.model.get_state(components), module.train_loss(), trainer.global_step)
+
+    def evaluate_client(self, client: ClientSpec, state: ComponentState, split: str) -> dict[str, dict[str, float]]:
+        """Metrics per task of ``state`` (the client's slice) on ``client``'s ``split``."""
+        components = sorted(state)
+        self.model.load_state(state, f"state evaluated on client {client.id}")
+        module = ClientModule(self.model, [self.data.tasks[t] for t in client.tasks], components, self.optimizer)
+        loader = self.data.eval_dataloader(client.id, split, self.collate)
+        if len(loader.dataset) == 0:
+            return {}
+        with quiet_lightning():
+            self.trainers.eval_trainer().validate(module, dataloaders=loader, verbose=False)
+        return module.eval_results
+
+    # -- the round ----------------------------------------------------------------------------------------
+
+    def sample_clients(self, round: int) -> list[int]:
+        """The clients of ``round``: a function of ``(seed, round)`` only, identical on every rank."""
+        k = self.config.num_sampled(self.data.num_clients)
+        rng = np.random.default_rng([self.config.seed, round])
+        return sorted(int(c) for c in rng.choice(self.data.num_clients, size=k, replace=False))
+
+    def _run_round(self, round: int) -> None:
+        started = time.perf_counter()
+        progress = self._progress
+        sampled = self.sample_clients(round)
+        if progress:
+            progress.start_round(round, len(sampled))
+        updates: list[ClientUpdate] = []
+        failed: dict[str, str] = {}
+        bytes_down = bytes_up = 0
+        for cid in sampled:
+            client = self.client(cid)
+            if progress:
+                progress.client_started(cid)
+            global_slice = clone(select(self.global_state, self.slices[cid]))
+            bytes_down += num_bytes(global_slice)
+            self.client_records[cid]["visits"] += 1
+            try:
+                update = self.algorithm.client_update(ClientContext(self, client, round, global_slice))
+                self._check_upload(client, update)
+            except Exception as error:  # a failing client must not stop the federation
+                self.client_records[cid]["failures"] += 1
+                failed[str(cid)] = f"{type(error).__name__}: {error}"
+                log.warning("Round %d: client %d excluded from aggregation: %s", round, cid, failed[str(cid)])
+                log.debug("".join(traceback.format_exception(error)))
+            else:
+                updates.append(update)
+                bytes_up += num_bytes(update.state)
+            if progress:
+                progress.client_done()
+        if not updates:
+            raise RuntimeError(f"Round {round}: every sampled client failed: {failed}")
+        new_state = self.algorithm.aggregate(round, self.global_state, updates)
+        check_state(new_state, shapes_of(self.global_state), f"aggregate() of {self.algorithm.label}")
+        self.global_state = new_state
+        extra = self.algorithm.on_round_end(round, self.global_state)
+        self.round = round
+        record: dict[str, Any] = {
+            "round": round,
+            "sampled_clients": sampled,
+            "failed_clients": failed,
+            "train": {str(u.client): u.metrics for u in updates},
+            "algorithm": extra,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+        }
+        if round % self.config.eval_every == 0 or round == self.config.rounds:
+            record["eval"] = self._evaluate_all("val")
+            record["summary"] = {
+                model: summarize(per_client, self.data.tasks) for model, per_client in record["eval"].items()
+            }
+        record["seconds"] = round_seconds = time.perf_counter() - started
+        self._rank_zero(self.run_dir.append_metrics, record)
+        self._log_scalars(record)
+        if round % self.config.checkpoint_every == 0 or round == self.config.rounds:
+            self._save_checkpoint(self.run_dir.round_checkpoint_name(round))
+        if progress:
+            progress.round_done(self._round_summary(record, round_seconds))
+
+    def _check_upload(self, client: ClientSpec, update: ClientUpdate) -> None:
+        outside = sorted(set(update.state) - set(self.slices[client.id]))
+        if outside:
+            raise ComponentMismatchError(f"client {client.id} uploaded components outside its slice: {outside}")
+        check_state(update.state, self.model.component_shapes(update.state), f"upload of client {client.id}")
+        bad = non_finite_components(update.state)
+        if bad:
+            raise FloatingPointError(f"upload has non-finite values in {bad}")
+
+    def _evaluate_all(self, split: str) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+        results: dict[str, dict[str, dict[str, dict[str, float]]]] = {"global": {}}
+        for client in self.data.clients:
+            if self._progress:
+                self._progress.client_started(client.id, f"evaluating ({split})")
+            global_slice = select(self.global_state, self.slices[client.id])
+            results["global"][str(client.id)] = self.evaluate_client(client, global_slice, split)
+            personal = self.algorithm.personalized_state(client.id, clone(global_slice))
+            if personal is not None:
+                results.setdefault("personalized", {})[str(client.id)] = self.evaluate_client(client, personal, split)
+        if "personalized" not in results:
+            # Without a personal model the personalized model is the global slice: report it as such.
+            results["personalized"] = results["global"]
+        return results
+
+    def _final_results(self, split: str) -> dict[str, Any]:
+        evaluation = self._evaluate_all(split)
+        results = {
+            "algorithm": self.algorithm.label,
+            "split": split,
+            "round": self.round,
+            "models": {
+                "global": "the final global model's slice of each client",
+                "personalized": f"{self.algorithm.label}'s personalized model of each client "
+                "(the global slice when the algorithm keeps none)",
+            },
+            "per_client": evaluation,
+            "summary": {model: summarize(per_client, self.data.tasks) for model, per_client in evaluation.items()},
+        }
+        self._rank_zero(self.run_dir.write_json, "results.json", results)
+        self._rank_zero(self.run_dir.write_text, "results.md", results_table(results, self.data))
+        return results
+
+    # -- logging ------------------------------------------------------------------------------------------
+
+    def _round_summary(self, record: dict[str, Any], seconds: float) -> str:
+        parts = [f"{seconds:.1f}s"]
+        for task, values in record.get("summary", {}).get("global", {}).items():
+            metric = "accuracy" if "accuracy" in values else "loss"
+            parts.append(f"{task} {metric} {values[metric]:.3f}")
+        if record["failed_clients"]:
+            parts.append(f"{len(record['failed_clients'])} failed")
+        return " | ".join(parts)
+
+    @rank_zero_only
+    def _log_scalars(self, record: dict[str, Any]) -> None:
+        if self._logger is None:
+            self._logger = TensorBoardLogger(save_dir=str(self.run_dir.root), name="", version="tensorboard")
+        scalars: dict[str, float] = {
+            "comm/bytes_up": record["bytes_up"],
+            "comm/bytes_down": record["bytes_down"],
+            "round/seconds": record["seconds"],
+            "round/failed_clients": len(record["failed_clients"]),
+        }
+        for cid, metrics in record["train"].items():
+            scalars.update({f"client_{cid}/{k}": v for k, v in metrics.items()})
+        scalars.update({f"algorithm/{k}": v for k, v in record["algorithm"].items()})
+        for model, per_task in record.get("summary", {}).items():
+            for task, values in per_task.items():
+                scalars.update({f"{model}/{task}/{k}": v for k, v in values.items()})
+        for model, per_client in record.get("eval", {}).items():
+            for cid, per_task in per_client.items():
+                for task, values in per_task.items():
+                    scalars.update({f"client_{cid}/{model}/{task}/{k}": v for k, v in values.items()})
+        self._logger.log_metrics(scalars, step=record["round"])
+        self._logger.experiment.flush()
+
+    def _write_config(self) -> None:
+        if self.config_text is not None:
+            self._rank_zero(self.run_dir.write_text, "config.yaml", self.config_text)
+
+    @staticmethod
+    def _rank_zero(fn: Any, *args: Any) -> Any:
+        return fn(*args) if rank_zero_only.rank == 0 else None
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loaded into this federation."""
+        return {
+            **self.data.fingerprint(),
+            "components": {c: {k: list(s) for k, s in p.items()} for c, p in self.model.component_shapes().items()},
+            "algorithm": type(self.algorithm).__module__ + "." + type(self.algorithm).__qualname__,
+        }
+
+    def _save_checkpoint(self, name: str) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        payload = {
+            "round": self.round,
+            "finalized": self.finalized,
+            "fingerprint": self.fingerprint(),
+            "federation": asdict(self.config),
+            "algorithm": self.algorithm.state_dict(),
+            "clients": {str(c): dict(r) for c, r in self.client_records.items()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                "numpy_pos": int(np.random.get_state()[2]),
+                "python": list(random.getstate()[1]),
+            },
+        }
+        self.run_dir.save_checkpoint(name, self.global_state, payload)
+
+    def _restore(self, path: Any) -> None:
+        global_state, payload = self.run_dir.load_checkpoint(path)
+        self._check_fingerprint(payload["fingerprint"], path)
+        check_state(global_state, shapes_of(self.global_state), f"checkpoint {path}")
+        self.global_state = global_state
+        self.round = int(payload["round"])
+        self.finalized = bool(payload["finalized"])
+        self.algorithm.load_state_dict(payload["algorithm"])
+        self.client_records = {int(c): dict(r) for c, r in payload["clients"].items()}
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+        random.setstate((3, tuple(rng["python"]), None))
+        log.info("Resumed from %s at round %d", path, self.round)
+
+    def _check_fingerprint(self, saved: dict[str, Any], path: Any) -> None:
+        current = self.fingerprint()
+        differences = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        if not differences:
+            return
+        details = []
+        for key in differences:
+            if key == "components":
+                a, b = saved.get(key, {}), current.get(key, {})
+                changed = sorted(set(a) ^ set(b)) or sorted(c for c in a if a[c] != b.get(c))
+                details.append(f"components differ ({changed[:5]})")
+            else:
+                details.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
+        raise RunDirError(f"Checkpoint {path} belongs to a different federation: " + "; ".join(details))

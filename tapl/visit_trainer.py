@@ -1,0 +1,98 @@
+"""Building the Lightning ``Trainer`` of each client visit from the user's ``--trainer.*`` settings."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from lightning.pytorch import Callback, Trainer
+
+log = logging.getLogger(__name__)
+
+# The engine owns these per visit: logging, checkpointing and progress happen once per round, not per fit.
+_VISIT_OVERRIDES: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "default_root_dir": None,
+}
+# Settings that the federation decides instead (local steps, evaluation schedule).
+_FEDERATION_OWNED = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "max_time",
+    "limit_train_batches",
+    "limit_val_batches",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-``Trainer`` info lines (devices, tips, "max_steps reached") for one visit.
+
+    A federation builds a trainer per client visit; repeating those lines hundreds of times would bury the
+    run's own output. Warnings still show.
+    """
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class VisitTrainers:
+    """Makes a light ``Trainer`` per client visit with the user's precision, devices, strategy and more.
+
+    Everything of ``--trainer.*`` applies (accelerator, devices, strategy, precision,
+    accumulate_grad_batches, gradient_clip_val, deterministic, callbacks, ...) except what the federation
+    owns: the number of steps comes from ``federation.local_steps``, evaluation from ``federation.eval_every``,
+    and logging, checkpoints and progress from the engine. A user setting of one of those is ignored with a
+    warning.
+
+    Args:
+        trainer_kwargs: Keyword arguments of ``lightning.pytorch.Trainer`` (the parsed ``--trainer`` group).
+    """
+
+    def __init__(self, trainer_kwargs: dict[str, Any] | None = None) -> None:
+        kwargs = dict(trainer_kwargs or {})
+        defaults = {
+            name: p.default for name, p in inspect.signature(Trainer.__init__).parameters.items() if name != "self"
+        }
+        ignored = [k for k in (*_FEDERATION_OWNED, *_VISIT_OVERRIDES) if k in kwargs and kwargs[k] != defaults.get(k)]
+        if ignored:
+            log.warning(
+                "Ignoring --trainer.%s: the federation sets these per client visit.",
+                ", --trainer.".join(ignored),
+            )
+        for key in (*_FEDERATION_OWNED, *_VISIT_OVERRIDES):
+            kwargs.pop(key, None)
+        self.user_callbacks: list[Callback] = list(kwargs.pop("callbacks", None) or [])
+        self.kwargs = kwargs
+
+    def fit_trainer(self, steps: int, callbacks: Sequence[Callback] = ()) -> Trainer:
+        """A trainer that runs exactly ``steps`` optimizer steps and no validation."""
+        if steps < 1:
+            raise ValueError(f"a client fit needs at least one step, got {steps}")
+        return Trainer(
+            **self.kwargs,
+            **_VISIT_OVERRIDES,
+            max_steps=steps,
+            max_epochs=-1,
+            limit_val_batches=0,
+            callbacks=[*self.user_callbacks, *callbacks],
+        )
+
+    def eval_trainer(self) -> Trainer:
+        """A trainer for one pass over a held-out split."""
+        return Trainer(**self.kwargs, **_VISIT_OVERRIDES, callbacks=list(self.user_callbacks))

@@ -1,0 +1,124 @@
+"""Tiny models, datasets and configs built locally, so no test touches the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+WORDS = ["good", "great", "fine", "love", "bad", "awful", "poor", "hate", "the", "a", "movie", "day", "food"]
+POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
+
+
+def make_tiny_bert(directory: Path) -> Path:
+    """Save a 2-layer BERT (hidden 32) with a word-level tokenizer into ``directory``."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def make_text_parquet(path: Path, rows: int = 240, seed: int = 0) -> Path:
+    """Short sentences labelled 1 when they hold a positive word, 0 for a negative one."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(rows):
+        label = i % 2
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        filler = rng.choice(WORDS[8:], size=3)
+        texts.append(" ".join([filler[0], word, *filler[1:]]))
+        labels.append(label)
+    pd.DataFrame({"sentence": texts, "label": labels}).to_parquet(path)
+    return path
+
+
+def make_image_parquet(path: Path, rows: int = 240, seed: int = 0) -> Path:
+    """8x8 grey images: class 0 bright on the left half, class 1 bright on the right half, plus noise."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(rows):
+        label = i % 2
+        image = rng.uniform(0, 0.3, size=(8, 8))
+        image[:, 4:] += 0.7 * label
+        image[:, :4] += 0.7 * (1 - label)
+        images.append(image.clip(0, 1).reshape(-1).tolist())
+        labels.append(label)
+    pd.DataFrame({"pixels": images, "label": labels}).to_parquet(path)
+    return path
+
+
+def tiny_config(assets: dict[str, Path], run_dir: Path, **federation: object) -> dict:
+    """A complete config dict of a 4-client text+image federation over the tiny BERT."""
+    bert = str(assets["bert"])
+    lora = {"r": 2, "alpha": 4, "dropout": 0.0}
+    return {
+        "model": {
+            "encoders": {
+                "text": {
+                    "class_path": "tapl.models.TextEncoder",
+                    "init_args": {"name_or_path": bert, "max_length": 16, "lora": lora},
+                },
+                "image": {
+                    "class_path": "tapl.models.PatchImageEncoder",
+                    "init_args": {
+                        "name_or_path": bert,
+                        "image_size": 8,
+                        "patch_size": 4,
+                        "channels": 1,
+                        "lora": lora,
+                    },
+                },
+            }
+        },
+        "data": {
+            "tasks": [
+                {
+                    "name": "sentiment",
+                    "inputs": {"text": "sentence"},
+                    "target": "label",
+                    "num_classes": 2,
+                    "dataset": "parquet",
+                    "data_files": str(assets["text"]),
+                    "head_hidden": 16,
+                },
+                {
+                    "name": "shapes",
+                    "inputs": {"image": "pixels"},
+                    "target": "label",
+                    "num_classes": 2,
+                    "dataset": "parquet",
+                    "data_files": str(assets["image"]),
+                    "head_hidden": 16,
+                },
+            ],
+            "clients": [
+                {"tasks": ["sentiment"], "count": 1},
+                {"tasks": ["shapes"], "count": 1},
+                {"tasks": ["sentiment", "shapes"], "count": 2},
+            ],
+            "batch_size": 8,
+        },
+        "federation": {
+            "rounds": 2,
+            "clients_per_round": 2,
+            "local_steps": 2,
+            "seed": 0,
+            "progress": False,
+            **federation,
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "run_dir": str(run_dir),
+    }
