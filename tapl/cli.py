@@ -22,7 +22,7 @@ from typing_extensions import override
 from tapl.algorithms import Algorithm, FedAvg
 from tapl.components import ComponentMismatchError
 from tapl.datamodules.federated import FederatedDataModule
-from tapl.federation import FederatedOrchestrator, FederationConfig
+from tapl.federation import FederatedOrchestrator, FederationConfig, FederationError
 from tapl.models.foundation import FoundationModel
 from tapl.run_dir import RunDirError
 
@@ -43,7 +43,14 @@ class TaplCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "default_env": False,
+                "fit": {"description": "Run a federation (or resume one with --ckpt_path last), then test it."},
+                "test": {"description": "Evaluate a checkpointed federation on every client's test split."},
+            },
+        )
         self.orchestrator: FederatedOrchestrator | None = None
         super().__init__(args=args, run=run, **kwargs)
 
@@ -127,7 +134,7 @@ def main(args: list[str] | None = None) -> None:
     _configure_logging()
     try:
         TaplCLI(args=args)
-    except (RunDirError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
+    except (RunDirError, FederationError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"tapl: error: {error}\n")
         raise SystemExit(1) from None
 

@@ -132,7 +132,7 @@ def weighted_average(
         raise ValueError(f"aggregation weights must be non-negative, got {list(weights)}")
     base_shapes = shapes_of(base)
     for i, state in enumerate(states):
-        check_state(state, {c: base_shapes.get(c, {}) for c in state}, f"state {i}")
+        check_state(state, {c: base_shapes[c] for c in state if c in base_shapes}, f"state {i}")
     result: ComponentState = {}
     for component, params in base.items():
         holders = [(s[component], w) for s, w in zip(states, weights, strict=True) if component in s]

@@ -50,6 +50,10 @@ from tapl.visit_trainer import VisitTrainers, quiet_lightning
 log = logging.getLogger(__name__)
 
 
+class FederationError(RuntimeError):
+    """The federation cannot go on (e.g. every sampled client of a round failed)."""
+
+
 @dataclass
 class FederationConfig:
     """Settings of the federated loop (``--federation.*``).
@@ -138,6 +142,8 @@ class FederatedOrchestrator:
         missing = sorted(set(data.tasks) - set(model.tasks))
         if missing:
             raise ValueError(f"The model has no heads for tasks {missing}: build it with the data's tasks.")
+        # Fails fast: a resume must not rewrite the run directory for a sampling setting that cannot run.
+        self.config.num_sampled(data.num_clients)
         self.collate = MultiTaskCollator(data.tasks, model.preprocessors)
         self.slices = {c.id: model.components_for(c.tasks) for c in data.clients}
         self.global_state: ComponentState = model.get_state()
@@ -290,7 +296,7 @@ class FederatedOrchestrator:
             if progress:
                 progress.client_done()
         if not updates:
-            raise RuntimeError(f"Round {round}: every sampled client failed: {failed}")
+            raise FederationError(f"Round {round}: every sampled client failed: {failed}")
         new_state = self.algorithm.aggregate(round, self.global_state, updates)
         check_state(new_state, shapes_of(self.global_state), f"aggregate() of {self.algorithm.label}")
         self.global_state = new_state

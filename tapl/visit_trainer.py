@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +40,9 @@ _FEDERATION_OWNED = (
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's per-``Trainer`` info lines (devices, tips, "max_steps reached") for one visit.
 
+    Also hides two warnings that do not apply to visits (no validation loader; a Lightning-internal
+    deprecation).
+
     A federation builds a trainer per client visit; repeating those lines hundreds of times would bury the
     run's own output. Warnings still show.
     """
@@ -46,7 +50,11 @@ def quiet_lightning() -> Iterator[None]:
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
     try:
-        yield
+        with warnings.catch_warnings():
+            # Visits fit without a validation loader on purpose; the engine evaluates once per round.
+            warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            yield
     finally:
         logger.setLevel(level)
 

@@ -67,6 +67,9 @@ class RoundProgress:
     def round_done(self, summary: str) -> None:
         """Count one finished round and show its summary (e.g. the global validation metrics)."""
         self._progress.update(self._rounds, advance=1, status=summary)
+        if self.enabled and not self.console.is_terminal:
+            # No live bars in a log file or CI: one line per round instead.
+            self.console.print(f"round {self._progress.tasks[self._rounds].completed:.0f}: {summary}")
 
     def print(self, message: str) -> None:
         """Print a line above the bars (rank 0 only; also when the bars are disabled)."""

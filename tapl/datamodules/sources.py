@@ -174,7 +174,8 @@ def parse_vader_sdist(sdist: Path) -> pd.DataFrame:
         sdist: Path of the ``.tar.gz`` source distribution.
 
     Returns:
-        A frame with columns ``text``, ``score``, ``domain`` and ``label``, in file order.
+        A frame with columns ``text``, ``score``, ``domain`` and ``label``, in file order, each sentence once
+        (later repeats of a sentence are dropped).
 
     Raises:
         ValueError: If the sdist lacks the nested tarball or one of the ground-truth files.
@@ -204,6 +205,11 @@ def parse_vader_sdist(sdist: Path) -> pd.DataFrame:
             rows.extend(parsed)
 
     frame = pd.DataFrame(rows, columns=["text", "score", "domain", "label"])
+    # A few short sentences ("wow.") repeat across files; one copy keeps them out of both train and test.
+    duplicated = frame["text"].duplicated()
+    if duplicated.any():
+        log.info("Dropped %d repeated sentence(s)", int(duplicated.sum()))
+        frame = frame[~duplicated].reset_index(drop=True)
     return frame.astype({"text": str, "score": "float64", "domain": str, "label": "int64"})
 
 

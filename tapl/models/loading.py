@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,4 +103,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap a frozen backbone with trainable LoRA adapters; only the adapters require gradients."""
     targets = settings.target_modules or lora_target_modules(model)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft calls a transformers method that transformers 5 deprecates; nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)

@@ -1,0 +1,340 @@
+"""Tests of the ``tapl`` command (tapl.cli): flags reach the objects, configs round-trip, plugins load by class
+path, and bad input fails with a message that names the problem and leaves existing runs untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import tiny_config
+
+from tapl.algorithms import FedAvg
+from tapl.cli import TaplCLI, main
+from tapl.federation import FederatedOrchestrator, FederationConfig
+
+# The tests call the CLI in-process, under pytest's own command line.
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def build(*args: str) -> FederatedOrchestrator:
+    """The orchestrator the CLI builds from ``args``, without running anything."""
+    orchestrator = TaplCLI(args=list(args), run=False).orchestrator
+    assert orchestrator is not None
+    return orchestrator
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``root`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``tapl`` in-process, expect a non-zero exit, and return what it wrote to stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``tapl`` subprocess: offline, one thread per process (see ``one_torch_thread``)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def tapl_command() -> list[str]:
+    """The installed ``tapl`` console script (the module when the script is not on PATH)."""
+    executable = shutil.which("tapl")
+    return [executable] if executable else [sys.executable, "-m", "tapl.cli"]
+
+
+class OtherAlgorithm(FedAvg):
+    """A FedAvg under another name, for a checkpoint that belongs to a different algorithm."""
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_path(assets: dict[str, Path], tmp_path: Path) -> Path:
+    return write_config(tmp_path / "config.yaml", tiny_config(assets, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A completed 2-round run, copied by each test that tries to damage it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    main(["fit", "--config", str(write_config(run_dir.parent / "run.yaml", tiny_config(assets, run_dir)))])
+    return run_dir
+
+
+@pytest.fixture
+def existing_run(finished_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "existing"
+    shutil.copytree(finished_run, run_dir)
+    return run_dir
+
+
+# -- flags reach the objects --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "tapl.algorithms.FedAvg", "tapl.algorithms.fedavg.FedAvg"])
+def test_algorithm_by_short_name_or_class_path(config_path: Path, name: str) -> None:
+    algorithm = build("--config", str(config_path), "--algorithm", name).algorithm
+    assert type(algorithm) is FedAvg
+    assert algorithm.weighting == "samples"
+
+
+def test_algorithm_init_args_reach_the_algorithm(config_path: Path) -> None:
+    assert build("--config", str(config_path), "--algorithm.weighting", "uniform").algorithm.weighting == "uniform"
+    algorithm = build(
+        "--config", str(config_path), "--algorithm", "FedAvg", "--algorithm.weighting", "uniform"
+    ).algorithm
+    assert type(algorithm) is FedAvg and algorithm.weighting == "uniform"
+    plugin = build("--config", str(config_path), "--algorithm", f"{__name__}.OtherAlgorithm").algorithm
+    assert type(plugin) is OtherAlgorithm
+
+
+def test_federation_flags_reach_the_orchestrator(config_path: Path) -> None:
+    orchestrator = build(
+        "--config",
+        str(config_path),
+        "--federation.rounds",
+        "7",
+        "--federation.clients_per_round",
+        "3",
+        "--federation.seed",
+        "41",
+        "--federation.eval_every",
+        "2",
+    )
+    assert orchestrator.config == FederationConfig(
+        rounds=7, clients_per_round=3, local_steps=2, seed=41, eval_every=2, progress=False
+    )
+    assert all(len(orchestrator.sample_clients(r)) == 3 for r in range(1, 6))
+    fraction = build("--config", str(config_path), "--federation.clients_per_round", "0.25").config
+    assert fraction.clients_per_round == 0.25 and isinstance(fraction.clients_per_round, float)
+
+
+def test_print_config_round_trips(config_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = ["--federation.rounds", "5", "--algorithm.weighting", "uniform", "--federation.seed", "3"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config_path), *overrides, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["federation"]["rounds"] == 5
+    assert config["federation"]["seed"] == 3
+    assert config["algorithm"]["init_args"]["weighting"] == "uniform"
+    assert config["data"]["clients"][0]["tasks"] == ["sentiment"]
+
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert capsys.readouterr().out == printed
+    # Nothing ran.
+    assert not (tmp_path / "run").exists()
+
+
+# -- plugins from outside the package --------------------------------------------------------------------------
+
+PLUGIN = '''
+"""A personalization method that lives outside the tapl package."""
+
+import json
+
+import torch
+
+from tapl.algorithms import FedAvg
+
+
+class MyMethod(FedAvg):
+    """FedAvg that moves the global model only ``scale`` of the way to the clients' average.
+
+    Args:
+        scale: Server step size.
+    """
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.aggregations = 0
+
+    def aggregate(self, round, global_state, updates):
+        self.aggregations += 1
+        average = super().aggregate(round, global_state, updates)
+        return {
+            c: {k: g + self.scale * (average[c][k] - g) for k, g in params.items()}
+            for c, params in global_state.items()
+        }
+
+    def on_round_end(self, round, global_state):
+        return {"scale": self.scale}
+
+    def finalize(self, global_state):
+        marker = {"scale": self.scale, "aggregations": self.aggregations}
+        (self.federation.run_dir.root / "my_plugin.json").write_text(json.dumps(marker))
+'''
+
+
+def test_plugin_outside_the_package_runs_from_the_command(assets: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "my_plugin.py").write_text(textwrap.dedent(PLUGIN))
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.yaml", tiny_config(assets, run_dir, local_steps=1))
+    env = command_env(PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    args = ["fit", "--config", str(config), "--algorithm", "my_plugin.MyMethod", "--algorithm.scale", "0.5"]
+    done = subprocess.run([*tapl_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert json.loads((run_dir / "my_plugin.json").read_text()) == {"scale": 0.5, "aggregations": 2}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["algorithm"] == {"class_path": "my_plugin.MyMethod", "init_args": {"scale": 0.5}}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["algorithm"] for r in records] == [{"scale": 0.5}, {"scale": 0.5}]
+    assert json.loads((run_dir / "results.json").read_text())["algorithm"] == "MyMethod"
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_from_the_command_exits_non_zero(config_path: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*tapl_command(), "fit", "--config", str(config_path), "--algorithm", "NoSuchAlgorithm"],
+        env=command_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "NoSuchAlgorithm" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--algorithm", "NoSuchAlgorithm"], ["algorithm", "NoSuchAlgorithm"]),
+        (["--algorithm", "tapl.algorithms.NoSuchAlgorithm"], ["algorithm", "NoSuchAlgorithm"]),
+        (["--algorithm.weighting", "nope"], ["weighting", "nope"]),
+        (["--federation.rounds", "abc"], ["federation.rounds", "abc"]),
+        (["--federation.nosuch", "1"], ["federation.nosuch"]),
+        (["--federation.rounds", "0"], ["federation.rounds", ">= 1"]),
+        (["--federation.clients_per_round", "1.5"], ["clients_per_round", "1.5"]),
+        (["--federation.clients_per_round", "5"], ["clients_per_round", "5", "4 clients"]),
+        (["--federation.rounds", "1"], ["round 2", "--federation.rounds 1"]),
+        (["--ckpt_path", "nowhere"], ["nowhere", "checkpoint"]),
+    ],
+)
+def test_bad_arguments_name_the_problem_and_leave_the_run_intact(
+    assets: dict[str, Path],
+    existing_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    expected: list[str],
+) -> None:
+    config = write_config(tmp_path / "config.yaml", tiny_config(assets, existing_run))
+    before = snapshot(existing_run)
+    # A resume, so that the bad argument is the only thing wrong (a later --ckpt_path wins).
+    err = fails(["fit", "--config", str(config), "--ckpt_path", "last", *args], capsys)
+    for text in expected:
+        assert text in err
+    assert snapshot(existing_run) == before
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.yaml"
+    err = fails(["fit", "--config", str(missing)], capsys)
+    assert str(missing) in err
+    assert "not exist" in err or "not found" in err
+
+
+def test_missing_data_file(
+    assets: dict[str, Path], existing_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no-such-data.parquet")
+    for run_dir, resume in ((tmp_path / "fresh", []), (existing_run, ["--ckpt_path", "last"])):
+        config = tiny_config(assets, run_dir)
+        config["data"]["tasks"][0]["data_files"] = missing
+        before = snapshot(existing_run)
+        err = fails(["fit", "--config", str(write_config(tmp_path / "config.yaml", config)), *resume], capsys)
+        assert missing in err and "sentiment" in err
+        assert snapshot(existing_run) == before
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_fit_into_a_run_directory_that_holds_a_run(
+    assets: dict[str, Path], existing_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "config.yaml", tiny_config(assets, existing_run, rounds=3, seed=5))
+    before = snapshot(existing_run)
+    err = fails(["fit", "--config", str(config)], capsys)
+    assert str(existing_run) in err and "already holds a run" in err and "--ckpt_path last" in err
+    assert snapshot(existing_run) == before
+
+
+def _add_a_client(config: dict[str, Any]) -> None:
+    config["data"]["clients"][0]["count"] = 2
+
+
+def _change_a_client_s_tasks(config: dict[str, Any]) -> None:
+    config["data"]["clients"][0]["tasks"] = ["shapes"]
+
+
+def _change_the_lora_rank(config: dict[str, Any]) -> None:
+    config["model"]["encoders"]["text"]["init_args"]["lora"]["r"] = 4
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_add_a_client, ["clients", "[['sentiment'], ['sentiment'], ['shapes']"]),
+        (_change_a_client_s_tasks, ["clients", "[['shapes'], ['shapes']"]),
+        (_change_the_lora_rank, ["components", "encoder"]),
+        (None, ["algorithm", "OtherAlgorithm"]),
+    ],
+)
+def test_resume_from_a_different_federation_is_refused(
+    assets: dict[str, Path],
+    existing_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: Any,
+    expected: list[str],
+) -> None:
+    config = tiny_config(assets, existing_run, rounds=3)
+    args = []
+    if change is None:
+        args = ["--algorithm", f"{__name__}.OtherAlgorithm"]
+    else:
+        change(config)
+    before = snapshot(existing_run)
+    err = fails(
+        ["fit", "--config", str(write_config(tmp_path / "c.yaml", config)), "--ckpt_path", "last", *args], capsys
+    )
+    assert "different federation" in err
+    for text in expected:
+        assert text in err
+    assert snapshot(existing_run) == before
