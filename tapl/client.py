@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from typing_extensions import override
 
 from tapl.datamodules.collate import TaskBatch, batch_size
@@ -54,10 +54,17 @@ class ClientModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr = lr
         self.loss_fn = loss_fn
+        # Evaluation runs every row on every rank (see VisitTrainers.eval_trainer), so metrics stay local:
+        # syncing would count each row once per rank.
         self.eval_metrics = nn.ModuleDict({t.name: t.task_type.metrics(t) for t in tasks})
-        self.eval_loss = nn.ModuleDict({t.name: MeanMetric() for t in tasks})
+        for collection in self.eval_metrics.values():
+            for metric in collection.values():
+                metric.sync_on_compute = False
+        self.eval_loss = nn.ModuleDict({t.name: MeanMetric(sync_on_compute=False) for t in tasks})
+        self.eval_samples = nn.ModuleDict({t.name: SumMetric(sync_on_compute=False) for t in tasks})
         self._train_loss_sum: dict[str, Tensor] = {}
         self._train_samples: dict[str, int] = {}
+        self._train_totals: dict[str, tuple[float, int]] | None = None
         self.eval_results: dict[str, dict[str, float]] = {}
 
     def task_losses(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -83,9 +90,24 @@ class ClientModule(LightningModule):
             loss = self.loss_fn(self, loss)
         return loss
 
+    @override
+    def on_train_end(self) -> None:
+        # Sum over data-parallel ranks, so every rank sees the same losses (and takes the same decisions).
+        names = sorted(self.tasks)
+        totals = torch.tensor(
+            [[float(self._train_loss_sum.get(t, 0.0)), float(self._train_samples.get(t, 0))] for t in names],
+            device=self.device,
+            dtype=torch.float64,
+        )
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self._train_totals = {t: (float(s), int(n)) for t, (s, n) in zip(names, totals.tolist(), strict=True) if n}
+
     def train_loss(self) -> dict[str, float]:
-        """Running mean training loss per task over this module's training so far (sample-weighted)."""
-        return {t: float(self._train_loss_sum[t]) / self._train_samples[t] for t in self._train_loss_sum}
+        """Mean training loss per task over the last fit, sample-weighted and summed over all ranks."""
+        totals = self._train_totals
+        if totals is None:  # not fitted through a Trainer: this process's running sums
+            totals = {t: (float(self._train_loss_sum[t]), self._train_samples[t]) for t in self._train_loss_sum}
+        return {t: loss / n for t, (loss, n) in totals.items()}
 
     def _eval_step(self, batch: TaskBatch) -> None:
         for name, part in batch.items():
@@ -93,6 +115,7 @@ class ClientModule(LightningModule):
             outputs = self.model(name, part["inputs"])
             targets = part["targets"]
             self.eval_loss[name].update(task.task_type.loss(outputs, targets), weight=len(targets))
+            self.eval_samples[name].update(len(targets))
             self.eval_metrics[name].update(outputs, targets)
 
     def _eval_epoch_end(self) -> None:
@@ -103,9 +126,10 @@ class ClientModule(LightningModule):
                 continue
             values = {"loss": float(loss_metric.compute())}
             values.update({k: float(v) for k, v in self.eval_metrics[name].compute().items()})
-            values["samples"] = float(loss_metric.weight)
+            values["samples"] = float(self.eval_samples[name].compute())
             results[name] = values
             loss_metric.reset()
+            self.eval_samples[name].reset()
             self.eval_metrics[name].reset()
         self.eval_results = results
 

@@ -166,7 +166,8 @@ class FederatedOrchestrator:
             The final results (also written to ``results.json``).
         """
         started = time.perf_counter()
-        if ckpt_path is None and self.run_dir.holds_run():
+        # Only rank 0 checks: with DDP the other ranks start once rank 0 is already running.
+        if ckpt_path is None and rank_zero_only.rank == 0 and self.run_dir.holds_run():
             raise RunDirError(
                 f"{self.run_dir.root} already holds a run. Resume it with --ckpt_path last, or choose another "
                 "--run_dir."

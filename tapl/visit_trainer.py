@@ -85,6 +85,11 @@ class VisitTrainers:
             )
         for key in (*_FEDERATION_OWNED, *_VISIT_OVERRIDES):
             kwargs.pop(key, None)
+        if kwargs.get("strategy") == "ddp":
+            # A multi-task batch may hold no sample of some task, leaving its head without gradients; plain
+            # DDP would fail on that, so let it look for unused parameters.
+            log.info("Using strategy 'ddp_find_unused_parameters_true': a batch may leave a task's head unused.")
+            kwargs["strategy"] = "ddp_find_unused_parameters_true"
         self.user_callbacks: list[Callback] = list(kwargs.pop("callbacks", None) or [])
         self.kwargs = kwargs
 
@@ -102,5 +107,10 @@ class VisitTrainers:
         )
 
     def eval_trainer(self) -> Trainer:
-        """A trainer for one pass over a held-out split."""
-        return Trainer(**self.kwargs, **_VISIT_OVERRIDES, callbacks=list(self.user_callbacks))
+        """A trainer for one pass over a held-out split.
+
+        Each rank evaluates every row (no distributed sampler): a distributed sampler pads uneven splits with
+        repeated rows, which would bias the metrics, and evaluation is cheap next to training.
+        """
+        kwargs = {**self.kwargs, "use_distributed_sampler": False}
+        return Trainer(**kwargs, **_VISIT_OVERRIDES, callbacks=list(self.user_callbacks))
