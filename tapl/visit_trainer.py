@@ -85,6 +85,8 @@ class VisitTrainers:
             )
         for key in (*_FEDERATION_OWNED, *_VISIT_OVERRIDES):
             kwargs.pop(key, None)
+        if kwargs.get("accelerator") == "cpu" and str(kwargs.get("precision")).startswith("bf16"):
+            log.warning("--trainer.precision %s on a CPU is emulated and far slower; use 32-true.", kwargs["precision"])
         if kwargs.get("strategy") == "ddp":
             # A multi-task batch may hold no sample of some task, leaving its head without gradients; plain
             # DDP would fail on that, so let it look for unused parameters.

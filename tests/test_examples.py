@@ -42,7 +42,10 @@ def test_fedavgm_applies_momentum_to_the_averaged_change(server_momentum) -> Non
     assert torch.allclose(state["c"]["w"], torch.tensor([-0.5, 1.0]))
 
 
-def test_fedavgm_runs_by_class_path_and_checkpoints_its_velocity(server_momentum, assets, tmp_path: Path) -> None:
+def test_fedavgm_runs_by_class_path_and_checkpoints_its_velocity(
+    server_momentum, assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["tapl"])
     run_dir = tmp_path / "run"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(assets, run_dir)))

@@ -1,0 +1,135 @@
+"""FederatedDataModule: splits, partition over clients, validation of the data, collation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tapl.datamodules import ClientGroup, Dirichlet, FederatedDataModule, MultiTaskCollator, TaskData
+from tapl.datamodules.federated import SPLITS
+
+
+def write_parquet(path: Path, rows: int = 200, num_classes: int = 4) -> Path:
+    labels = np.arange(rows) % num_classes
+    pd.DataFrame({"text": [f"row {i}" for i in range(rows)], "label": labels, "row": np.arange(rows)}).to_parquet(path)
+    return path
+
+
+def text_task(path: Path, **overrides: object) -> TaskData:
+    settings = {"name": "t", "inputs": {"text": "text"}, "target": "label", "num_classes": 4, "dataset": "parquet"}
+    return TaskData(**{**settings, "data_files": str(path), **overrides})
+
+
+def test_splits_and_clients_never_share_a_row(tmp_path: Path) -> None:
+    task = TaskData(
+        name="t",
+        inputs={"text": "text"},
+        target="row",
+        num_classes=200,
+        dataset="parquet",
+        data_files=str(write_parquet(tmp_path / "d.parquet")),
+    )
+    data = FederatedDataModule([task], [ClientGroup(["t"], count=3)])
+    data.setup()
+    seen: list[int] = []
+    for client in range(3):
+        for split in SPLITS:
+            seen += [int(data.dataset(client, split)[i]["target"]) for i in range(data.num_samples(client, split))]
+    assert sorted(seen) == list(range(200))
+    assert sum(data.num_samples(c, "test") for c in range(3)) == 30  # test_fraction 0.15 of 200
+
+
+def test_each_client_has_the_same_label_mix_in_train_and_test(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "d.parquet", rows=2000)
+    data = FederatedDataModule([text_task(path)], [ClientGroup(["t"], count=4)], partitioner=Dirichlet(alpha=0.3))
+    data.setup()
+    for client in range(4):
+        mixes = []
+        for split in ("train", "test"):
+            dataset = data.dataset(client, split)
+            labels = np.array([dataset[i]["target"] for i in range(len(dataset))])
+            mixes.append(np.bincount(labels, minlength=4) / len(labels))
+        assert np.abs(mixes[0] - mixes[1]).max() < 0.1
+
+
+def test_partition_is_seeded_by_the_data_seed(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "d.parquet")
+
+    def targets(seed: int) -> list[int]:
+        data = FederatedDataModule([text_task(path)], [ClientGroup(["t"], count=2)], Dirichlet(1.0), seed=seed)
+        data.setup()
+        dataset = data.dataset(0, "train")
+        return [dataset[i]["inputs"]["text"] for i in range(len(dataset))]
+
+    assert targets(0) == targets(0)
+    assert targets(0) != targets(1)
+
+
+def test_missing_column_is_named(tmp_path: Path) -> None:
+    task = text_task(write_parquet(tmp_path / "d.parquet"), inputs={"text": "sentence"})
+    data = FederatedDataModule([task], [ClientGroup(["t"])])
+    with pytest.raises(ValueError, match=r"Task 't'.*no column\(s\) \['sentence'\]"):
+        data.setup()
+
+
+def test_label_outside_the_classes_is_named(tmp_path: Path) -> None:
+    task = text_task(write_parquet(tmp_path / "d.parquet", num_classes=5), num_classes=4)
+    data = FederatedDataModule([task], [ClientGroup(["t"])])
+    with pytest.raises(ValueError, match=r"Task 't': column 'label' holds label 4"):
+        data.setup()
+
+
+def test_missing_data_file_is_named(tmp_path: Path) -> None:
+    data = FederatedDataModule([text_task(tmp_path / "nope.parquet")], [ClientGroup(["t"])])
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet"):
+        data.setup()
+
+
+def test_client_left_without_rows_is_named(tmp_path: Path) -> None:
+    task = text_task(write_parquet(tmp_path / "d.parquet", rows=20), test_fraction=0.1)
+    data = FederatedDataModule([task], [ClientGroup(["t"], count=3)])
+    with pytest.raises(ValueError, match=r"Client \d has no test rows of task 't'"):
+        data.setup()
+
+
+def test_unknown_task_and_duplicate_names_are_refused(tmp_path: Path) -> None:
+    task = text_task(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match=r"unknown tasks \['other'\]"):
+        FederatedDataModule([task], [ClientGroup(["other"])])
+    with pytest.raises(ValueError, match=r"task names \['t'\] are declared more than once"):
+        FederatedDataModule([task, task], [ClientGroup(["t"])])
+
+
+def test_max_rows_keeps_a_seeded_subset(tmp_path: Path) -> None:
+    task = text_task(write_parquet(tmp_path / "d.parquet"), max_rows=100)
+    data = FederatedDataModule([task], [ClientGroup(["t"], count=2)])
+    data.setup()
+    assert sum(data.num_samples(c, s) for c in range(2) for s in SPLITS) == 100
+
+
+def test_collator_groups_a_batch_by_task() -> None:
+    class Lengths:
+        def __call__(self, values):
+            return {"length": torch.tensor([len(v) for v in values])}
+
+    from tapl.tasks import Task
+
+    tasks = {
+        "a": Task(name="a", type="classification", modalities=("text",), num_classes=2),
+        "b": Task(name="b", type="classification", modalities=("text",), num_classes=3),
+    }
+    collate = MultiTaskCollator(tasks, {"text": Lengths()})
+    samples = [
+        {"task": "b", "inputs": {"text": "xyz"}, "target": 2},
+        {"task": "a", "inputs": {"text": "x"}, "target": 1},
+        {"task": "b", "inputs": {"text": "xy"}, "target": 0},
+    ]
+    batch = collate(samples)
+    assert list(batch) == ["a", "b"]
+    assert batch["b"]["inputs"]["text"]["length"].tolist() == [3, 2]
+    assert batch["b"]["targets"].tolist() == [2, 0]
+    assert batch["a"]["targets"].dtype == torch.long
