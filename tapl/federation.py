@@ -209,7 +209,9 @@ class FederatedOrchestrator:
         self.data.setup()
         self.algorithm.setup(self)
         self._restore(self.run_dir.resolve_checkpoint(ckpt_path or "last", prefer_final=True))
-        return self._final_results("test")
+        results = self._final_results("test")
+        log.info("Test results of round %d in %s", self.round, self.run_dir.root / "results.md")
+        return results
 
     # -- services for algorithms --------------------------------------------------------------------------
 
