@@ -116,7 +116,7 @@ class ClientModule(LightningModule):
             targets = part["targets"]
             self.eval_loss[name].update(task.task_type.loss(outputs, targets), weight=len(targets))
             self.eval_samples[name].update(len(targets))
-            self.eval_metrics[name].update(outputs, targets)
+            task.task_type.update_metrics(self.eval_metrics[name], outputs, targets)
 
     def _eval_epoch_end(self) -> None:
         results: dict[str, dict[str, float]] = {}

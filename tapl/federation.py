@@ -374,7 +374,7 @@ class FederatedOrchestrator:
     def _round_summary(self, record: dict[str, Any], seconds: float) -> str:
         parts = [f"{seconds:.1f}s"]
         for task, values in record.get("summary", {}).get("global", {}).items():
-            metric = "accuracy" if "accuracy" in values else "loss"
+            metric = self.data.tasks[task].task_type.primary_metric
             parts.append(f"{task} {metric} {values[metric]:.3f}")
         if record["failed_clients"]:
             parts.append(f"{len(record['failed_clients'])} failed")

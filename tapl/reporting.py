@@ -37,39 +37,48 @@ def summarize(per_client: PerClient, tasks: Mapping[str, Task]) -> dict[str, dic
 
 
 def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
-    """A Markdown table of the final results: one row per client, task and model."""
+    """A Markdown table of the final results: one row per client, task and model, then summaries."""
+    metrics = sorted(
+        {
+            m
+            for per_client in results["per_client"].values()
+            for per_task in per_client.values()
+            for values in per_task.values()
+            for m in values
+        }
+        - {"samples", "loss"}
+    )
+    columns = ["loss", *metrics]
+    directions = {m: better for task in data.tasks.values() for m, better in task.task_type.higher_is_better.items()}
+    higher = [m for m in metrics if directions.get(m)]
+    lower = ["loss", *(m for m in metrics if directions.get(m) is False)]
     lines = [
         f"# Results: {results['algorithm']} after round {results['round']} ({results['split']} split)",
         "",
         *(f"- **{model}**: {text}" for model, text in results["models"].items()),
         "",
-        "Metrics are sample-weighted; loss is lower-is-better, accuracy and f1 higher-is-better.",
+        f"Metrics are sample-weighted. Lower is better: {', '.join(lower)}."
+        + (f" Higher is better: {', '.join(higher)}." if higher else ""),
         "",
-        "| client | task | model | samples | loss | accuracy | f1 |",
-        "|---|---|---|---|---|---|---|",
+        "| client | task | model | samples | " + " | ".join(columns) + " |",
+        "|---|---|---|---|" + "---|" * len(columns),
     ]
 
-    def cell(values: Mapping[str, float], key: str) -> str:
-        return f"{values[key]:.4f}" if key in values else "-"
+    def cells(values: Mapping[str, float]) -> str:
+        return " | ".join(f"{values[c]:.4f}" if c in values else "-" for c in columns)
 
     for model, per_client in results["per_client"].items():
         for client in data.clients:
             for task, values in per_client.get(str(client.id), {}).items():
-                lines.append(
-                    f"| {client.id} | {task} | {model} | {int(values['samples'])} | {cell(values, 'loss')} | "
-                    f"{cell(values, 'accuracy')} | {cell(values, 'f1')} |"
-                )
+                lines.append(f"| {client.id} | {task} | {model} | {int(values['samples'])} | {cells(values)} |")
     lines += [
         "",
         "## Across clients (sample-weighted mean)",
         "",
-        "| task | model | clients | loss | accuracy | f1 |",
-        "|---|---|---|---|---|---|",
+        "| task | model | clients | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for model, per_task in results["summary"].items():
         for task, values in per_task.items():
-            lines.append(
-                f"| {task} | {model} | {int(values['clients'])} | {cell(values, 'loss')} | "
-                f"{cell(values, 'accuracy')} | {cell(values, 'f1')} |"
-            )
+            lines.append(f"| {task} | {model} | {int(values['clients'])} | {cells(values)} |")
     return "\n".join(lines) + "\n"

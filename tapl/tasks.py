@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.text import Perplexity
+
+from tapl.heads import ImageDecoder, ParallelTextDecoder, mlp
+
+
+@dataclass(frozen=True)
+class HeadContext:
+    """What the model offers a task type when it builds a head or collates targets.
+
+    Attributes:
+        preprocessors: Raw-value-to-tensor preprocessor per modality (tokenizer, image size, ...).
+        text_embeddings: The text encoder's frozen input embeddings (for tied text decoders), if any.
+    """
+
+    preprocessors: Mapping[str, Any]
+    text_embeddings: nn.Embedding | None = None
 
 
 class TaskType(ABC):
@@ -26,6 +43,8 @@ class TaskType(ABC):
     """
 
     name: ClassVar[str]
+    #: The metric shown first in progress lines and summaries.
+    primary_metric: ClassVar[str]
     #: Whether a higher value of each metric is better, by metric name; losses are always lower-is-better.
     higher_is_better: ClassVar[dict[str, bool]] = {}
     registry: ClassVar[dict[str, TaskType]] = {}
@@ -52,19 +71,23 @@ class TaskType(ABC):
         """Raise ``ValueError`` if ``task`` lacks a setting this type needs."""
 
     @abstractmethod
-    def build_head(self, in_features: int, task: Task) -> nn.Module:
+    def build_head(self, in_features: int, task: Task, context: HeadContext) -> nn.Module:
         """The task head mapping one pooled feature per sample to this type's outputs."""
 
     @abstractmethod
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Mean loss over the samples of one batch."""
+        """Mean loss over the samples (or target tokens) of one batch."""
 
     @abstractmethod
     def metrics(self, task: Task) -> MetricCollection:
         """Fresh metric objects scoring this task on a held-out split."""
 
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor) -> None:
+        """Feed one batch to ``metrics`` (override when metrics need differently shaped inputs)."""
+        metrics.update(outputs, targets)
+
     @abstractmethod
-    def collate_targets(self, targets: list[object], task: Task) -> Tensor:
+    def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         """Stack the raw targets of a batch into the tensor :meth:`loss` expects."""
 
 
@@ -72,20 +95,15 @@ class Classification(TaskType):
     """Single-label classification over ``task.num_classes`` classes: cross-entropy, accuracy, macro-F1."""
 
     name = "classification"
+    primary_metric = "accuracy"
     higher_is_better = {"accuracy": True, "f1": True}
 
     def validate(self, task: Task) -> None:
         if task.num_classes < 2:
             raise ValueError(f"Task {task.name!r}: classification needs num_classes >= 2, got {task.num_classes}.")
 
-    def build_head(self, in_features: int, task: Task) -> nn.Module:
-        hidden = task.head_hidden or in_features
-        return nn.Sequential(
-            nn.Linear(in_features, hidden),
-            nn.GELU(),
-            nn.Dropout(task.head_dropout),
-            nn.Linear(hidden, task.num_classes),
-        )
+    def build_head(self, in_features: int, task: Task, context: HeadContext) -> nn.Module:
+        return mlp(in_features, task.head_hidden or in_features, task.num_classes, task.head_dropout)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs.float(), targets)
@@ -98,9 +116,103 @@ class Classification(TaskType):
             }
         )
 
-    def collate_targets(self, targets: list[object], task: Task) -> Tensor:
-        labels = torch.as_tensor(targets, dtype=torch.long)
-        return labels
+    def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
+        return torch.as_tensor(targets, dtype=torch.long)
+
+
+class ImageGeneration(TaskType):
+    """Reconstruction of an image (the paper's image generation): an image decoder head scored by MSE.
+
+    The target column holds an image in the same form as the image input (usually the input column itself);
+    it is preprocessed by the image encoder's preprocessor, so targets are pixels in [0, 1].
+    """
+
+    name = "image_generation"
+    primary_metric = "mse"
+    higher_is_better = {"mse": False}
+
+    def validate(self, task: Task) -> None:
+        if "image" not in task.modalities:
+            raise ValueError(f"Task {task.name!r}: image_generation reconstructs images; it needs an image input.")
+
+    def build_head(self, in_features: int, task: Task, context: HeadContext) -> nn.Module:
+        image = context.preprocessors["image"]
+        return ImageDecoder(
+            in_features, task.head_hidden or in_features, image.channels, image.image_size, task.head_dropout
+        )
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(outputs.float(), targets.float())
+
+    def metrics(self, task: Task) -> MetricCollection:
+        return MetricCollection({"mse": MeanSquaredError()})
+
+    def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
+        return context.preprocessors["image"](targets)["pixel_values"]
+
+
+class TextGeneration(TaskType):
+    """Generation of a target text (an answer, a description) from the inputs: token cross-entropy.
+
+    The head is a :class:`~tapl.heads.ParallelTextDecoder` (non-autoregressive, documented choice): it
+    predicts the first ``task.target_length`` tokens of the target at once, with its output projection tied to
+    the text encoder's frozen embeddings. Targets are tokenized by the text encoder's tokenizer without
+    special tokens; padding positions are ignored by the loss and the metrics. Metrics: perplexity and token
+    accuracy over real target tokens. :meth:`decode` turns outputs back into text for inspection.
+    """
+
+    name = "text_generation"
+    primary_metric = "perplexity"
+    higher_is_better = {"perplexity": False, "token_accuracy": True}
+    ignore_index = -100
+
+    def validate(self, task: Task) -> None:
+        if task.target_length < 1:
+            raise ValueError(f"Task {task.name!r}: text_generation needs target_length >= 1.")
+
+    def build_head(self, in_features: int, task: Task, context: HeadContext) -> nn.Module:
+        if context.text_embeddings is None or "text" not in context.preprocessors:
+            raise ValueError(
+                f"Task {task.name!r}: text_generation decodes with the text encoder's tokenizer and embeddings; "
+                "configure model.encoders.text."
+            )
+        return ParallelTextDecoder(in_features, task.target_length, context.text_embeddings, task.head_dropout)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten(), ignore_index=self.ignore_index)
+
+    def metrics(self, task: Task) -> MetricCollection:
+        return MetricCollection(
+            {
+                "perplexity": Perplexity(ignore_index=self.ignore_index),
+                "token_accuracy": MeanMetric(),
+            }
+        )
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor) -> None:
+        metrics["perplexity"].update(outputs.float(), targets)
+        real = targets != self.ignore_index
+        if real.any():
+            correct = (outputs.argmax(-1) == targets)[real].float()
+            metrics["token_accuracy"].update(correct.mean(), weight=int(real.sum()))
+
+    def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
+        tokenizer = context.preprocessors["text"].tokenizer
+        encoded = tokenizer(
+            [str(t) for t in targets],
+            add_special_tokens=False,
+            padding="max_length",
+            truncation=True,
+            max_length=task.target_length,
+            return_tensors="pt",
+        )
+        ids = encoded["input_ids"]
+        return ids.masked_fill(encoded["attention_mask"] == 0, self.ignore_index)
+
+    def decode(self, outputs: Tensor, context: HeadContext) -> list[str]:
+        """The texts a batch of outputs predicts (greedy per position)."""
+        tokenizer = context.preprocessors["text"].tokenizer
+        return tokenizer.batch_decode(outputs.argmax(-1), skip_special_tokens=True)
 
 
 @dataclass(frozen=True)
@@ -112,6 +224,7 @@ class Task:
         type: Registered task type name, e.g. ``"classification"``.
         modalities: Input modalities the task consumes, e.g. ``("image",)`` or ``("image", "text")``.
         num_classes: Number of classes (classification).
+        target_length: Target tokens decoded (text generation).
         head_hidden: Hidden width of the head's MLP; ``None`` uses the encoder width.
         head_dropout: Dropout inside the head.
     """
@@ -120,6 +233,7 @@ class Task:
     type: str
     modalities: tuple[str, ...]
     num_classes: int = 0
+    target_length: int = 16
     head_hidden: int | None = None
     head_dropout: float = 0.1
     _type: TaskType = field(init=False, repr=False, compare=False)

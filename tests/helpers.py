@@ -18,7 +18,9 @@ def make_tiny_bert(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    assert len(tokenizer) == len(vocab), "the tiny tokenizer must know every word"
+    tokenizer.save_pretrained(directory)
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -32,16 +34,20 @@ def make_tiny_bert(directory: Path) -> Path:
 
 
 def make_text_parquet(path: Path, rows: int = 240, seed: int = 0) -> Path:
-    """Short sentences labelled 1 when they hold a positive word, 0 for a negative one."""
+    """Short sentences labelled 1 when they hold a positive word, 0 for a negative one.
+
+    The ``answer`` column (a text-generation target) repeats the sentiment word and the first word.
+    """
     rng = np.random.default_rng(seed)
-    texts, labels = [], []
+    texts, labels, answers = [], [], []
     for i in range(rows):
         label = i % 2
         word = rng.choice(POSITIVE if label else NEGATIVE)
         filler = rng.choice(WORDS[8:], size=3)
         texts.append(" ".join([filler[0], word, *filler[1:]]))
+        answers.append(f"{word} {filler[0]}")
         labels.append(label)
-    pd.DataFrame({"sentence": texts, "label": labels}).to_parquet(path)
+    pd.DataFrame({"sentence": texts, "label": labels, "answer": answers}).to_parquet(path)
     return path
 
 

@@ -2,7 +2,7 @@
 
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.federated import ClientDataset, ClientGroup, ClientSpec, FederatedDataModule, TaskData
-from tapl.datamodules.partitioners import IID, Dirichlet, Partitioner
+from tapl.datamodules.partitioners import IID, Dirichlet, Grouped, Partitioner, Shards
 
 __all__ = [
     "IID",
@@ -11,7 +11,9 @@ __all__ = [
     "ClientSpec",
     "Dirichlet",
     "FederatedDataModule",
+    "Grouped",
     "MultiTaskCollator",
     "Partitioner",
+    "Shards",
     "TaskData",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from tapl.models.encoders import Preprocessor
-from tapl.tasks import Task
+from tapl.tasks import HeadContext, Task
 
 #: task name -> {"inputs": {modality: tensors}, "targets": Tensor}
 TaskBatch = dict[str, dict[str, Any]]
@@ -29,6 +29,7 @@ class MultiTaskCollator:
     def __init__(self, tasks: Mapping[str, Task], preprocessors: Mapping[str, Preprocessor]) -> None:
         self.tasks = dict(tasks)
         self.preprocessors = dict(preprocessors)
+        self.context = HeadContext(self.preprocessors)
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> TaskBatch:
         groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -40,7 +41,7 @@ class MultiTaskCollator:
             inputs: dict[str, dict[str, Tensor]] = {
                 m: self.preprocessors[m]([s["inputs"][m] for s in group]) for m in task.modalities
             }
-            targets = task.task_type.collate_targets([s["target"] for s in group], task)
+            targets = task.task_type.collate_targets([s["target"] for s in group], task, self.context)
             batch[name] = {"inputs": inputs, "targets": targets}
         return batch
 

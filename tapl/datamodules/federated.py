@@ -38,6 +38,7 @@ class TaskData:
         inputs: Column holding each input modality, e.g. ``{"text": "sentence"}`` or ``{"image": "img"}``.
         target: Column holding the target (the class index for classification).
         num_classes: Number of classes (classification); targets must lie in ``[0, num_classes)``.
+        target_length: Target tokens decoded (text generation); longer targets are cut.
         dataset: What ``datasets.load_dataset`` loads: a hub name, a builder (``parquet``, ``csv``, ``json``,
             ``imagefolder``) or a local path.
         data_files: Files for a builder.
@@ -56,6 +57,7 @@ class TaskData:
     dataset: str
     type: str = "classification"
     num_classes: int = 0
+    target_length: int = 16
     data_files: str | list[str] | dict[str, str] | None = None
     prepare: Callable[[], str | Path] | None = None
     split: str = "train"
@@ -79,6 +81,7 @@ class TaskData:
             type=self.type,
             modalities=tuple(self.inputs),
             num_classes=self.num_classes,
+            target_length=self.target_length,
             head_hidden=self.head_hidden,
         )
 
@@ -90,10 +93,13 @@ class ClientGroup:
     Args:
         tasks: Names of the tasks these clients hold.
         count: How many such clients.
+        group: Group id of these clients, for the ``Grouped`` partitioner (the paper's pattern groups: each
+            group shares a task's rows among its own clients only).
     """
 
     tasks: list[str]
     count: int = 1
+    group: int = 0
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -104,10 +110,11 @@ class ClientGroup:
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """One client: its index and the tasks it holds."""
+    """One client: its index, the tasks it holds and its group."""
 
     id: int
     tasks: tuple[str, ...]
+    group: int = 0
 
 
 class ClientDataset(Dataset):
@@ -171,7 +178,7 @@ class FederatedDataModule:
         specs, next_id = [], 0
         for group in clients:
             for _ in range(group.count):
-                specs.append(ClientSpec(next_id, tuple(group.tasks)))
+                specs.append(ClientSpec(next_id, tuple(group.tasks), group.group))
                 next_id += 1
         self.clients: list[ClientSpec] = specs
         self.partitioner = partitioner or IID()
@@ -199,6 +206,7 @@ class FederatedDataModule:
         }
         for index, spec in enumerate(self.task_data.values()):
             holders = [c.id for c in self.clients if spec.name in c.tasks]
+            groups = [self.clients[c].group for c in holders]
             if not holders:
                 log.warning("Task %r is held by no client; its data is not loaded.", spec.name)
                 continue
@@ -206,7 +214,7 @@ class FederatedDataModule:
             rng = np.random.default_rng([self.seed, index, 1])
             labels = {s: self._labels(spec, rows) for s, rows in splits.items()}
             proportions = self.partitioner.proportions(
-                labels["train"], len(holders), self._num_label_classes(spec), rng
+                labels["train"], len(holders), self._num_label_classes(spec), rng, groups=groups
             )
             for split, rows in splits.items():
                 for client, indices in zip(
@@ -323,4 +331,5 @@ class FederatedDataModule:
         return {
             "tasks": sorted(self.tasks),
             "clients": [list(c.tasks) for c in self.clients],
+            "groups": [c.group for c in self.clients],
         }

@@ -7,15 +7,21 @@ A partition happens in two steps so that a client's train, validation and test s
 2. :meth:`Partitioner.split` applies that same matrix to any split (train, validation, test), cutting each
    class's shuffled rows among the clients with largest-remainder rounding, so every row goes to exactly
    one client and each client sees the same label mix in all of its splits.
+
+Partitioners: :class:`IID` (equal shares), :class:`Dirichlet` (label skew), :class:`Shards` (the pathological
+sort-and-shard split) and :class:`Grouped` (the paper's pattern groups, which split a task first among client
+groups and then, with another partitioner, within each group). The engine passes every partitioner each
+holder's group id as ``groups``; all but :class:`Grouped` ignore it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["IID", "Dirichlet", "Partitioner"]
+__all__ = ["IID", "Dirichlet", "Grouped", "Partitioner", "Shards"]
 
 # Tolerance under which a quota ``n * p`` counts as a whole number, so a matrix built from integer counts
 # (``counts / n``) reproduces those counts exactly despite floating-point error.
@@ -38,6 +44,8 @@ class Partitioner(ABC):
         num_clients: int,
         num_classes: int | None,
         rng: np.random.Generator,
+        *,
+        groups: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Draw the class-share matrix for a task.
 
@@ -47,6 +55,8 @@ class Partitioner(ABC):
             num_classes: Number of classes ``K``; ``None`` means ``labels.max() + 1``. Must exceed every
                 label.
             rng: Source of randomness; the same seed gives the same matrix.
+            groups: Group id of each of the ``num_clients`` clients, in order. Only :class:`Grouped` uses
+                it; other partitioners accept and ignore it, so the engine can always pass it.
 
         Returns:
             A float ``(num_clients, K)`` matrix ``P``; ``P[c, k]`` is the share of class ``k``'s rows that
@@ -97,6 +107,8 @@ class Partitioner(ABC):
         num_clients: int,
         num_classes: int | None,
         rng: np.random.Generator,
+        *,
+        groups: Sequence[int] | None = None,
     ) -> list[np.ndarray]:
         """Draw proportions from ``labels`` and split the same labels with them.
 
@@ -108,11 +120,12 @@ class Partitioner(ABC):
             num_clients: Number of clients, at least 1.
             num_classes: Number of classes, or ``None`` for ``labels.max() + 1``.
             rng: Source of randomness.
+            groups: Group id of each client (see :meth:`proportions`).
 
         Returns:
             One sorted ``int64`` array of row indices per client.
         """
-        matrix = self.proportions(labels, num_clients, num_classes, rng)
+        matrix = self.proportions(labels, num_clients, num_classes, rng, groups=groups)
         return self.split(labels, matrix, rng)
 
     def __repr__(self) -> str:
@@ -133,6 +146,8 @@ class IID(Partitioner):
         num_clients: int,
         num_classes: int | None,
         rng: np.random.Generator,
+        *,
+        groups: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Return the uniform matrix ``1 / num_clients``; see :meth:`Partitioner.proportions`."""
         _check_num_clients(num_clients)
@@ -177,6 +192,8 @@ class Dirichlet(Partitioner):
         num_clients: int,
         num_classes: int | None,
         rng: np.random.Generator,
+        *,
+        groups: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Draw one Dirichlet column per class; see :meth:`Partitioner.proportions`.
 
@@ -219,13 +236,177 @@ class Dirichlet(Partitioner):
         return matrix / matrix.sum(axis=0, keepdims=True)
 
 
+class Shards(Partitioner):
+    """The pathological non-IID split of McMahan et al. (2017): sorted by label, cut into shards, dealt out.
+
+    The training rows are sorted by label and cut into ``num_clients * shards_per_client`` shards of equal
+    size (sizes differ by at most one row), and each client receives ``shards_per_client`` shards chosen at
+    random. A shard no larger than the smallest class spans at most two classes, so a client then sees at
+    most ``2 * shards_per_client`` classes, and at most ``shards_per_client`` when the shards line up with
+    class boundaries (every class size a multiple of one shared shard size). The deal is expressed as the
+    share of each class's rows that each client got, so :meth:`Partitioner.split` reproduces it exactly on
+    the training split and gives validation and test rows the same label mix. A class absent from the
+    training split is shared equally among clients.
+
+    Args:
+        shards_per_client: Shards dealt to each client, at least 1.
+
+    Raises:
+        ValueError: If ``shards_per_client`` is not an integer >= 1.
+    """
+
+    def __init__(self, shards_per_client: int = 2) -> None:
+        _check_positive_int("shards_per_client", shards_per_client)
+        self.shards_per_client = int(shards_per_client)
+
+    def proportions(
+        self,
+        labels: np.ndarray,
+        num_clients: int,
+        num_classes: int | None,
+        rng: np.random.Generator,
+        *,
+        groups: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Deal label-sorted shards to clients; see :meth:`Partitioner.proportions`.
+
+        Raises:
+            ValueError: Also if ``labels`` has fewer rows than ``num_clients * shards_per_client`` shards.
+        """
+        _check_num_clients(num_clients)
+        num_classes = _resolve_num_classes(labels, num_classes)
+        labels = _check_labels(labels, num_classes)
+        num_shards = num_clients * self.shards_per_client
+        if labels.size < num_shards:
+            raise ValueError(
+                f"Shards cannot cut {labels.size} training rows into num_clients * shards_per_client = "
+                f"{num_clients} * {self.shards_per_client} = {num_shards} non-empty shards. Lower "
+                "shards_per_client or the number of clients, or use more data (max_rows)."
+            )
+        # Only each shard's class counts matter (split shuffles rows within a class), so sorting the labels
+        # themselves is enough.
+        ordered = np.sort(labels)
+        shard_sizes = np.full(num_shards, labels.size // num_shards)
+        shard_sizes[: labels.size % num_shards] += 1
+        owner = np.empty(num_shards, dtype=np.int64)
+        owner[rng.permutation(num_shards)] = np.arange(num_shards) // self.shards_per_client
+        counts = np.zeros((num_clients, num_classes), dtype=np.int64)
+        np.add.at(counts, (np.repeat(owner, shard_sizes), ordered), 1)
+        class_sizes = counts.sum(axis=0)
+        matrix = np.full((num_clients, num_classes), 1.0 / num_clients)
+        present = class_sizes > 0
+        matrix[:, present] = counts[:, present] / class_sizes[present]
+        return matrix
+
+
+class Grouped(Partitioner):
+    """The paper's pattern groups: split each task among client groups, then within each group.
+
+    Clients belong to ``num_groups`` groups (in the paper, 30 clients = 3 groups x the same 10 task/modality
+    patterns). Each group that holds at least one of the task's clients receives an equal share of every
+    class's rows, ``1 / (number of groups holding the task)``: with every group holding the task (the
+    paper's layout) that is ``1 / num_groups``, a third each for three groups; a group holding none of the
+    task's clients takes no share, so no row is left without an owner. Within a group, ``within`` splits the
+    group's share among the group's clients, drawing its matrix from the rows the group receives (so, for
+    example, :class:`Dirichlet`'s ``min_samples_per_client`` applies to the group's rows). Clients of
+    different groups never share a row; rounding to whole rows can move a group's total by less than one
+    row per client of the group.
+
+    Args:
+        num_groups: Number of client groups, at least 1.
+        within: How a group's share is split among its clients; ``None`` means :class:`IID`.
+
+    Raises:
+        ValueError: If ``num_groups`` is not an integer >= 1 or ``within`` is not a non-grouped
+            :class:`Partitioner`.
+    """
+
+    def __init__(self, num_groups: int = 3, within: Partitioner | None = None) -> None:
+        _check_positive_int("num_groups", num_groups)
+        within = IID() if within is None else within
+        if not isinstance(within, Partitioner) or isinstance(within, Grouped):
+            raise ValueError(
+                f"Grouped within must be a partitioner that splits one group (IID, Dirichlet, Shards), got "
+                f"within={within!r}."
+            )
+        self.num_groups = int(num_groups)
+        self.within = within
+
+    def proportions(
+        self,
+        labels: np.ndarray,
+        num_clients: int,
+        num_classes: int | None,
+        rng: np.random.Generator,
+        *,
+        groups: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Share each class equally among the groups holding the task, then split within each group.
+
+        See :meth:`Partitioner.proportions`; here ``groups`` is required.
+
+        Raises:
+            ValueError: Also if ``groups`` is missing, does not give one id in ``[0, num_groups)`` per
+                client, or ``within`` cannot split a group's rows (its message names the group).
+        """
+        _check_num_clients(num_clients)
+        num_classes = _resolve_num_classes(labels, num_classes)
+        labels = _check_labels(labels, num_classes)
+        group_of = self._check_groups(groups, num_clients)
+        present = np.unique(group_of)
+        share = 1.0 / present.size
+        # The rows each group would receive, so that ``within`` draws from its group's share of the split.
+        group_counts = _allocate(
+            np.bincount(labels, minlength=num_classes), np.full((present.size, num_classes), share)
+        )
+        matrix = np.zeros((num_clients, num_classes))
+        for row, group in enumerate(present):
+            members = np.flatnonzero(group_of == group)
+            group_labels = np.repeat(np.arange(num_classes), group_counts[row])
+            try:
+                inner = self.within.proportions(group_labels, members.size, num_classes, rng)
+            except ValueError as error:
+                raise ValueError(
+                    f"Grouped: cannot split group {group} ({members.size} clients, {group_labels.size} rows) "
+                    f"with within={self.within!r}: {error}"
+                ) from error
+            matrix[members] = share * _check_proportions(inner)
+        return matrix
+
+    def _check_groups(self, groups: Sequence[int] | None, num_clients: int) -> np.ndarray:
+        if groups is None:
+            raise ValueError(
+                "Grouped needs client groups: pass groups=[group id of each client] (ids 0 .. "
+                f"{self.num_groups - 1}) to proportions or partition, or use a partitioner that ignores "
+                "groups (IID, Dirichlet, Shards)."
+            )
+        group_of = np.asarray(groups)
+        if group_of.shape != (num_clients,):
+            raise ValueError(
+                f"Grouped groups must give one group id per client: expected {num_clients} ids, got shape "
+                f"{group_of.shape}."
+            )
+        if not np.issubdtype(group_of.dtype, np.integer):
+            raise ValueError(f"Grouped groups must be integer group ids, got dtype {group_of.dtype}.")
+        if group_of.min() < 0 or group_of.max() >= self.num_groups:
+            raise ValueError(
+                f"Grouped groups must lie in [0, {self.num_groups - 1}] for num_groups={self.num_groups}, got "
+                f"range [{group_of.min()}, {group_of.max()}]; raise num_groups or fix the client groups."
+            )
+        return group_of.astype(np.int64)
+
+
 def _empty() -> np.ndarray:
     return np.empty(0, dtype=np.int64)
 
 
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}.")
+
+
 def _check_num_clients(num_clients: int) -> None:
-    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ValueError(f"num_clients must be an integer >= 1, got num_clients={num_clients!r}.")
+    _check_positive_int("num_clients", num_clients)
 
 
 def _resolve_num_classes(labels: np.ndarray, num_classes: int | None) -> int:

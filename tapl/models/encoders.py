@@ -40,6 +40,10 @@ class Encoder(nn.Module, ABC):
             mask that is 1 on real tokens and 0 on padding.
         """
 
+    def input_embeddings(self) -> nn.Embedding | None:
+        """The frozen token embeddings of a text encoder (tied text decoders use them), else ``None``."""
+        return None
+
 
 class Preprocessor(ABC):
     """Turns raw values of one modality into model input tensors."""
@@ -109,6 +113,9 @@ class TextEncoder(Encoder):
         self.hidden_size = backbone.config.hidden_size
         self.backbone = attach_lora(backbone, lora or LoraSettings())
         self.preprocessor = TextPreprocessor(load_tokenizer(name_or_path), max_length)
+
+    def input_embeddings(self) -> nn.Embedding | None:
+        return self.backbone.get_input_embeddings()
 
     def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         mask = inputs["attention_mask"]

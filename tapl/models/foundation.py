@@ -22,7 +22,7 @@ from tapl.components import (
     head_component,
 )
 from tapl.models.encoders import Encoder, Preprocessor
-from tapl.tasks import Task
+from tapl.tasks import HeadContext, Task
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -66,7 +66,7 @@ class FoundationModel(nn.Module):
         if len(widths) != 1:
             raise ValueError(f"Task {task.name!r}: its encoders have different widths {sorted(widths)}.")
         self.tasks[task.name] = task
-        self.heads[task.name] = task.task_type.build_head(widths.pop(), task)
+        self.heads[task.name] = task.task_type.build_head(widths.pop(), task, self.head_context)
 
     def _collect_components(self) -> dict[str, dict[str, nn.Parameter]]:
         modules: dict[str, nn.Module] = {encoder_component(m): e for m, e in self.encoders.items()}
@@ -156,6 +156,12 @@ class FoundationModel(nn.Module):
     def preprocessors(self) -> dict[str, Preprocessor]:
         """Raw-value-to-tensor preprocessor per modality."""
         return {m: e.preprocessor for m, e in self.encoders.items()}
+
+    @property
+    def head_context(self) -> HeadContext:
+        """What task types may use to build heads and decode outputs (preprocessors, text embeddings)."""
+        embeddings = self.encoders["text"].input_embeddings() if "text" in self.encoders else None
+        return HeadContext(self.preprocessors, embeddings)
 
     def forward(self, task: str, inputs: Mapping[str, dict[str, Tensor]]) -> Tensor:
         """Outputs of ``task``'s head for a batch of that task's samples.

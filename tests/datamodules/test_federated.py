@@ -133,3 +133,27 @@ def test_collator_groups_a_batch_by_task() -> None:
     assert batch["b"]["inputs"]["text"]["length"].tolist() == [3, 2]
     assert batch["b"]["targets"].tolist() == [2, 0]
     assert batch["a"]["targets"].dtype == torch.long
+
+
+def test_pattern_groups_share_a_task_only_within_their_group(tmp_path: Path) -> None:
+    from tapl.datamodules import Grouped
+
+    task = TaskData(
+        name="t",
+        inputs={"text": "text"},
+        target="label",
+        num_classes=4,
+        dataset="parquet",
+        data_files=str(write_parquet(tmp_path / "d.parquet", rows=600)),
+    )
+    clients = [ClientGroup(["t"], count=2, group=0), ClientGroup(["t"], count=1, group=1), ClientGroup(["t"], group=2)]
+    data = FederatedDataModule([task], clients, partitioner=Grouped(num_groups=3))
+    data.setup()
+    train_rows = sum(data.num_samples(c, "train") for c in range(4))
+    per_group = [
+        data.num_samples(0, "train") + data.num_samples(1, "train"),
+        data.num_samples(2, "train"),
+        data.num_samples(3, "train"),
+    ]
+    assert all(abs(n - train_rows / 3) <= 4 for n in per_group)
+    assert abs(data.num_samples(0, "train") - data.num_samples(1, "train")) <= 1

@@ -1,0 +1,154 @@
+"""Task types: heads, losses, metrics and target collation, checked by hand; all three in one federation."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import tiny_config
+
+from tapl.cli import main
+from tapl.models import LoraSettings, PatchImageEncoder, TextEncoder
+from tapl.models.foundation import FoundationModel
+from tapl.tasks import HeadContext, Task, TaskType
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def model(assets: dict[str, Path]) -> FoundationModel:
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0)
+    encoders = {
+        "text": TextEncoder(str(assets["bert"]), max_length=16, lora=lora),
+        "image": PatchImageEncoder(str(assets["bert"]), image_size=8, patch_size=4, channels=1, lora=lora),
+    }
+    tasks = [
+        Task(name="recon", type="image_generation", modalities=("image",), head_hidden=16),
+        Task(name="answer", type="text_generation", modalities=("text",), target_length=4),
+        Task(name="vqa", type="classification", modalities=("image", "text"), num_classes=3),
+    ]
+    return FoundationModel(encoders, tasks).eval()
+
+
+def test_every_registered_type_is_found_by_name() -> None:
+    assert {"classification", "image_generation", "text_generation"} <= set(TaskType.registry)
+    with pytest.raises(ValueError, match="Unknown task type 'nope'"):
+        Task(name="x", type="nope", modalities=("text",))
+
+
+def test_image_generation_reconstructs_pixels_scored_by_mse(model: FoundationModel) -> None:
+    task = model.tasks["recon"]
+    images = [torch.rand(64).tolist() for _ in range(3)]
+    targets = task.task_type.collate_targets(images, task, model.head_context)
+    assert targets.shape == (3, 1, 8, 8)
+    assert torch.allclose(targets.flatten(1), torch.tensor(images))
+    outputs = model("recon", {"image": model.preprocessors["image"](images)})
+    assert outputs.shape == targets.shape and outputs.min() >= 0 and outputs.max() <= 1
+    assert torch.isclose(task.task_type.loss(outputs, targets), ((outputs - targets) ** 2).mean())
+    metrics = task.task_type.metrics(task)
+    task.task_type.update_metrics(metrics, outputs[:1], targets[:1])
+    task.task_type.update_metrics(metrics, outputs[1:], targets[1:])
+    assert torch.isclose(metrics.compute()["mse"], ((outputs - targets) ** 2).mean())
+    with pytest.raises(ValueError, match="needs an image input"):
+        Task(name="r", type="image_generation", modalities=("text",))
+
+
+def test_text_generation_targets_ignore_padding(model: FoundationModel) -> None:
+    task = model.tasks["answer"]
+    targets = task.task_type.collate_targets(["good day", "bad movie food the a"], task, model.head_context)
+    tokenizer = model.preprocessors["text"].tokenizer
+    assert targets.shape == (2, 4)
+    assert targets[0, :2].tolist() == tokenizer.convert_tokens_to_ids(["good", "day"])
+    assert targets[0, 2:].tolist() == [IGNORE, IGNORE]
+    assert (targets[1] != IGNORE).all()  # cut to target_length
+
+
+def test_text_generation_loss_and_metrics_by_hand(model: FoundationModel) -> None:
+    task = model.tasks["answer"]
+    kind = task.task_type
+    batches = [["good day", "awful"], ["hate the movie a"]]
+    metrics = kind.metrics(task)
+    nll, tokens, correct = 0.0, 0, 0
+    for texts in batches:
+        targets = kind.collate_targets(texts, task, model.head_context)
+        outputs = model("answer", {"text": model.preprocessors["text"](texts)})
+        real = targets != IGNORE
+        log_probs = F.log_softmax(outputs.float(), -1)
+        token_nll = -log_probs.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[real]
+        assert torch.isclose(kind.loss(outputs, targets), token_nll.mean(), atol=1e-6)
+        nll += float(token_nll.detach().sum())
+        tokens += int(real.sum())
+        correct += int((outputs.argmax(-1) == targets)[real].sum())
+        kind.update_metrics(metrics, outputs, targets)
+    values = metrics.compute()
+    assert math.isclose(float(values["perplexity"]), math.exp(nll / tokens), rel_tol=1e-4)
+    assert math.isclose(float(values["token_accuracy"]), correct / tokens, rel_tol=1e-6)
+    decoded = kind.decode(outputs, model.head_context)
+    assert len(decoded) == 1 and isinstance(decoded[0], str)
+
+
+def test_text_decoder_is_tied_to_the_frozen_embeddings(model: FoundationModel) -> None:
+    head_params = dict(model.heads["answer"].named_parameters())
+    vocab = model.encoders["text"].input_embeddings().weight
+    assert all(p.shape[0] != vocab.shape[0] for p in head_params.values())
+    assert not vocab.requires_grad
+    assert model.components_on_path("answer") == ["encoder[text]", "head[answer]"]
+
+
+def test_text_generation_needs_a_text_encoder() -> None:
+    task = Task(name="a", type="text_generation", modalities=("image",))
+    with pytest.raises(ValueError, match=r"configure model\.encoders\.text"):
+        task.task_type.build_head(8, task, HeadContext({}))
+
+
+def test_image_and_text_task_pools_both_modalities(model: FoundationModel) -> None:
+    assert model.components_on_path("vqa") == ["encoder[image]", "encoder[text]", "head[vqa]"]
+    inputs = {
+        "image": model.preprocessors["image"]([torch.rand(64).tolist()]),
+        "text": model.preprocessors["text"](["good day"]),
+    }
+    other_text = dict(inputs, text=model.preprocessors["text"](["awful food"]))
+    assert not torch.allclose(model("vqa", inputs), model("vqa", other_text))
+
+
+def test_a_federation_trains_all_three_task_types(assets, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["tapl"])
+    config = tiny_config(assets, tmp_path / "run")
+    config["data"]["tasks"] += [
+        {
+            "name": "recon",
+            "type": "image_generation",
+            "inputs": {"image": "pixels"},
+            "target": "pixels",
+            "dataset": "parquet",
+            "data_files": str(assets["image"]),
+            "head_hidden": 16,
+        },
+        {
+            "name": "answer",
+            "type": "text_generation",
+            "inputs": {"text": "sentence"},
+            "target": "answer",
+            "target_length": 4,
+            "dataset": "parquet",
+            "data_files": str(assets["text"]),
+        },
+    ]
+    config["data"]["clients"] = [{"tasks": ["sentiment", "recon"], "count": 2}, {"tasks": ["shapes", "answer"]}]
+    config["federation"]["clients_per_round"] = 3
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    summary = records[-1]["summary"]["global"]
+    assert {"mse", "loss"} <= set(summary["recon"]) and {"perplexity", "token_accuracy"} <= set(summary["answer"])
+    assert all(math.isfinite(v) for task in summary.values() for v in task.values())
+    assert set(records[-1]["train"]["2"]) == {"train_loss/shapes", "train_loss/answer"}
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "perplexity" in table and "mse" in table and "Lower is better: loss, mse, perplexity" in table
