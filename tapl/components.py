@@ -30,6 +30,11 @@ def encoder_component(modality: str) -> str:
     return f"encoder[{modality}]"
 
 
+def fusion_component(expert: str) -> str:
+    """Name of the component holding the fusion expert ``expert`` (``"shared"`` or a modality-task pair)."""
+    return f"fusion[{expert}]"
+
+
 def head_component(task: str) -> str:
     """Name of the component holding the head of ``task``."""
     return f"head[{task}]"

@@ -100,6 +100,47 @@ def digits_parquet(root: Path | None = None) -> Path:
     return path
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_QUESTIONS = ("is the digit even?", "is the digit larger than four?")
+
+
+def digit_questions_parquet(root: Path | None = None) -> Path:
+    """Return a parquet file of questions and captions about the real digit images of :func:`digits_parquet`.
+
+    A task derived from real data, for image+text and image-to-text tasks without a network: each of the
+    1,797 images gets one yes/no question (alternating between the two of :data:`DIGIT_QUESTIONS`), its
+    answer computed from the image's true label, and a caption naming the digit (``"seven"``).
+
+    Columns: ``image`` (64 floats in [0, 1]), ``question`` (str), ``answer`` (int: 0 no, 1 yes),
+    ``caption`` (str), ``label`` (int 0-9).
+
+    Args:
+        root: Directory for the file; defaults to :func:`cache_dir`.
+
+    Returns:
+        Path of ``digit_questions.parquet``; an existing file is reused as is.
+    """
+    path = _resolve_root(root) / "digit_questions.parquet"
+    if path.exists():
+        return path
+    digits = pq.read_table(digits_parquet(root))
+    labels = np.asarray(digits.column("label").to_pylist(), dtype=np.int64)
+    asks_parity = np.arange(len(labels)) % 2 == 0
+    answers = np.where(asks_parity, labels % 2 == 0, labels > 4).astype(np.int64)
+    table = pa.table(
+        {
+            "image": digits.column("image"),
+            "question": pa.array([DIGIT_QUESTIONS[0] if p else DIGIT_QUESTIONS[1] for p in asks_parity]),
+            "answer": pa.array(answers),
+            "caption": pa.array([DIGIT_WORDS[label] for label in labels]),
+            "label": pa.array(labels),
+        }
+    )
+    _write_atomic(table, path)
+    log.info("Wrote %d digit questions to %s", table.num_rows, path)
+    return path
+
+
 def vader_sentences_parquet(root: Path | None = None) -> Path:
     """Return a parquet file of VADER's human-rated sentences, downloading them on first use.
 

@@ -19,9 +19,11 @@ from tapl.components import (
     ComponentState,
     check_state,
     encoder_component,
+    fusion_component,
     head_component,
 )
 from tapl.models.encoders import Encoder, Preprocessor
+from tapl.models.fusion import SHARED_EXPERT, Fusion, expert_key
 from tapl.tasks import HeadContext, Task
 
 
@@ -34,25 +36,35 @@ def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
 class FoundationModel(nn.Module):
     """Modality encoders and one head per task over a frozen pretrained backbone.
 
-    Each task's forward pass encodes the modalities it consumes, mean-pools each encoder's tokens over the
-    attention mask (padding is never pooled), averages the pooled features across modalities and applies
-    the task's head.
+    Each task's forward pass encodes the modalities it consumes. With a :class:`Fusion` block, the tokens
+    of all those modalities go through it together (the shared expert plus the task's modality-task expert)
+    and the fused tokens are mean-pooled over the attention mask; without one, each encoder's tokens are
+    mean-pooled and the pooled features averaged across modalities. Padding is never pooled. The task's
+    head maps the pooled feature to its outputs.
 
     Args:
         encoders: One encoder per modality, e.g. ``{"text": TextEncoder(...), "image": PatchImageEncoder(...)}``.
         tasks: The federation's tasks (linked from the data module by the CLI).
+        fusion: Optional fusion block with LoRA experts.
     """
 
-    def __init__(self, encoders: dict[str, Encoder], tasks: list[Task] | None = None) -> None:
+    def __init__(
+        self, encoders: dict[str, Encoder], tasks: list[Task] | None = None, fusion: Fusion | None = None
+    ) -> None:
         super().__init__()
         if not encoders:
             raise ValueError("model.encoders is empty: configure at least one modality encoder.")
         self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
         self.heads = nn.ModuleDict()
         self.tasks: dict[str, Task] = {}
         for task in tasks or []:
             self._add_task(task)
+        if fusion is not None:
+            experts = sorted({expert_key(t.modalities, t.type) for t in self.tasks.values()})
+            fusion.build(experts, {m: e.hidden_size for m, e in self.encoders.items()})
         self._parameters_by_component = self._collect_components()
+        self.set_trainable(self.component_names())
 
     def _add_task(self, task: Task) -> None:
         if task.name in self.tasks:
@@ -63,6 +75,8 @@ class FoundationModel(nn.Module):
                 f"Task {task.name!r} consumes modalities {missing} but model.encoders has only {sorted(self.encoders)}."
             )
         widths = {self.encoders[m].hidden_size for m in task.modalities}
+        if self.fusion is not None:
+            widths = {self.fusion.hidden_size}
         if len(widths) != 1:
             raise ValueError(f"Task {task.name!r}: its encoders have different widths {sorted(widths)}.")
         self.tasks[task.name] = task
@@ -74,6 +88,8 @@ class FoundationModel(nn.Module):
         components = {
             name: {k: p for k, p in module.named_parameters() if p.requires_grad} for name, module in modules.items()
         }
+        if self.fusion is not None:
+            components.update({fusion_component(e): dict(p) for e, p in self.fusion.expert_parameters().items()})
         return {name: params for name, params in components.items() if params}
 
     # -- components ---------------------------------------------------------------------------------------
@@ -88,6 +104,8 @@ class FoundationModel(nn.Module):
             raise KeyError(f"Unknown task {task!r}; the model has tasks {sorted(self.tasks)}.")
         spec = self.tasks[task]
         names = {encoder_component(m) for m in spec.modalities} | {head_component(task)}
+        if self.fusion is not None:
+            names |= {fusion_component(SHARED_EXPERT), fusion_component(expert_key(spec.modalities, spec.type))}
         return sorted(names & set(self._parameters_by_component))
 
     def components_for(self, tasks: Iterable[str]) -> list[str]:
@@ -144,6 +162,8 @@ class FoundationModel(nn.Module):
         for name, params in self._parameters_by_component.items():
             for p in params.values():
                 p.requires_grad_(name in wanted)
+        if self.fusion is not None:
+            self.fusion.trainable = {e for e in self.fusion.expert_parameters() if fusion_component(e) in wanted}
 
     def _check_known(self, names: Iterable[str]) -> None:
         unknown = sorted(set(names) - set(self._parameters_by_component))
@@ -171,6 +191,10 @@ class FoundationModel(nn.Module):
             inputs: Input tensors per modality, as made by :attr:`preprocessors`.
         """
         spec = self.tasks[task]
-        pooled = [masked_mean(*self.encoders[m](inputs[m])) for m in spec.modalities]
-        feature = pooled[0] if len(pooled) == 1 else torch.stack(pooled).mean(0)
+        if self.fusion is not None:
+            tokens = {m: self.encoders[m](inputs[m]) for m in spec.modalities}
+            feature = masked_mean(*self.fusion(tokens, expert_key(spec.modalities, spec.type)))
+        else:
+            pooled = [masked_mean(*self.encoders[m](inputs[m])) for m in spec.modalities]
+            feature = pooled[0] if len(pooled) == 1 else torch.stack(pooled).mean(0)
         return self.heads[task](feature)

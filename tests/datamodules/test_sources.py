@@ -151,3 +151,13 @@ def test_vader_download_parses_and_caches(
     monkeypatch.setenv("TAPL_OFFLINE", "1")
     assert sources.vader_sentences_parquet() == path
     assert len(calls) == 1
+
+
+def test_digit_questions_answer_from_the_true_label(tmp_path: Path) -> None:
+    frame = pd.read_parquet(sources.digit_questions_parquet(tmp_path))
+    assert len(frame) == 1797
+    parity = frame["question"] == sources.DIGIT_QUESTIONS[0]
+    assert parity.sum() == 899
+    assert (frame.loc[parity, "answer"] == (frame.loc[parity, "label"] % 2 == 0)).all()
+    assert (frame.loc[~parity, "answer"] == (frame.loc[~parity, "label"] > 4)).all()
+    assert (frame["caption"] == [sources.DIGIT_WORDS[i] for i in frame["label"]]).all()
