@@ -173,6 +173,7 @@ class FederatedOrchestrator:
                 "--run_dir."
             )
         self.data.setup()
+        self.data.check_inputs(self.model.preprocessors)
         self.algorithm.setup(self)
         if ckpt_path is not None:
             self._restore(self.run_dir.resolve_checkpoint(ckpt_path))

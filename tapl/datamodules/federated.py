@@ -10,7 +10,7 @@ three splits, so a client's train, val and test splits have the same label mix a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.partitioners import IID, Partitioner
+from tapl.models.encoders import Preprocessor, UnreadableValue
 from tapl.tasks import Task
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+ROW_COLUMN = "__row__"
 
 
 @dataclass
@@ -126,6 +128,11 @@ class ClientDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    @property
+    def parts(self) -> list[tuple[TaskData, Any]]:
+        """``(task, rows)`` pairs making up this split."""
+        return list(self._parts)
 
     def num_samples(self, task: str) -> int:
         """Rows of ``task`` in this split."""
@@ -231,6 +238,43 @@ class FederatedDataModule:
                         )
         self._datasets = {c: {s: ClientDataset(p) for s, p in parts.items()} for c, parts in per_client.items()}
 
+    def check_inputs(self, preprocessors: Mapping[str, Preprocessor], chunk: int = 512) -> None:
+        """Run every input value once through its modality's preprocessor, before any training.
+
+        An unreadable value (an image that fails to decode or has the wrong size) stops the run here with a
+        message naming the task, client, split, row and column; texts longer than the text encoder's limit
+        are counted and reported (they are truncated).
+
+        Raises:
+            ValueError: naming the first unreadable value.
+        """
+        truncated: dict[tuple[str, str], int] = {}
+        for client in self.clients:
+            for split in SPLITS:
+                for spec, rows in self.dataset(client.id, split).parts:
+                    for modality, column in spec.inputs.items():
+                        for start in range(0, len(rows), chunk):
+                            values = rows.select(range(start, min(start + chunk, len(rows))))[column]
+                            try:
+                                altered = preprocessors[modality].check(values)
+                            except UnreadableValue as error:
+                                row = rows[start + error.index][ROW_COLUMN]
+                                raise ValueError(
+                                    f"Task {spec.name!r} (client {client.id}, {split} split): row {row} of "
+                                    f"{spec.dataset!r} split {spec.split!r}, column {column!r}, is not a readable "
+                                    f"{modality}: {error}"
+                                ) from error
+                            key = (spec.name, column)
+                            truncated[key] = truncated.get(key, 0) + altered
+        for (task, column), count in truncated.items():
+            if count:
+                log.warning(
+                    "Task %r: %d value(s) of column %r exceed the encoder's length and are truncated.",
+                    task,
+                    count,
+                    column,
+                )
+
     def _load_splits(self, spec: TaskData, rng: np.random.Generator) -> dict[str, Any]:
         from datasets import load_dataset
         from datasets.utils.logging import disable_progress_bar
@@ -258,6 +302,8 @@ class FederatedDataModule:
         if absent:
             raise ValueError(f"Task {spec.name!r}: dataset has no column(s) {absent}; it has {pool.column_names}.")
         pool = pool.select_columns(sorted(set(columns)))
+        # The row's position in the loaded split, so errors can point at it after shuffles and partitions.
+        pool = pool.add_column(ROW_COLUMN, np.arange(len(pool)))
         order = rng.permutation(len(pool))
         if spec.max_rows is not None:
             order = order[: spec.max_rows]

@@ -45,12 +45,40 @@ class Encoder(nn.Module, ABC):
         return None
 
 
+class UnreadableValue(ValueError):
+    """A raw value that a preprocessor cannot turn into tensors.
+
+    Attributes:
+        index: Position of the value in the checked sequence.
+    """
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+
+
 class Preprocessor(ABC):
     """Turns raw values of one modality into model input tensors."""
 
     @abstractmethod
     def __call__(self, values: Sequence[Any]) -> dict[str, Tensor]:
         """Batch tensors for ``values``."""
+
+    def check(self, values: Sequence[Any]) -> int:
+        """Preprocess ``values`` once, before training, and count those that lose information.
+
+        Returns:
+            How many values are altered (e.g. texts truncated).
+
+        Raises:
+            UnreadableValue: for the first value that cannot be preprocessed.
+        """
+        for index, value in enumerate(values):
+            try:
+                self([value])
+            except Exception as error:
+                raise UnreadableValue(index, f"{type(error).__name__}: {error}") from error
+        return 0
 
 
 class TextPreprocessor(Preprocessor):
@@ -70,6 +98,11 @@ class TextPreprocessor(Preprocessor):
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
+    def check(self, values: Sequence[Any]) -> int:
+        """Count the texts longer than ``max_length`` tokens (they are truncated)."""
+        lengths = self.tokenizer([str(v) for v in values], truncation=False)["input_ids"]
+        return sum(len(ids) > self.max_length for ids in lengths)
+
 
 class ImagePreprocessor(Preprocessor):
     """Turns images (PIL images, arrays, or flat lists of pixels in [0, 1]) into ``(B, C, H, W)`` floats."""
@@ -82,7 +115,8 @@ class ImagePreprocessor(Preprocessor):
         if hasattr(value, "convert"):  # PIL image
             mode = "L" if self.channels == 1 else "RGB"
             image = value.convert(mode).resize((self.image_size, self.image_size))
-            return np.asarray(image, dtype=np.float32) / 255.0
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            return array if array.ndim == 2 else array.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
         array = np.asarray(value, dtype=np.float32)
         expected = self.channels * self.image_size * self.image_size
         if array.size != expected:

@@ -157,3 +157,39 @@ def test_pattern_groups_share_a_task_only_within_their_group(tmp_path: Path) -> 
     ]
     assert all(abs(n - train_rows / 3) <= 4 for n in per_group)
     assert abs(data.num_samples(0, "train") - data.num_samples(1, "train")) <= 1
+
+
+def test_unreadable_image_is_named_before_training(tmp_path: Path) -> None:
+    from tapl.models.encoders import ImagePreprocessor
+
+    images = [[0.5] * 64 for _ in range(40)]
+    images[17] = [0.5] * 63
+    pd.DataFrame({"pixels": images, "label": np.arange(40) % 2}).to_parquet(tmp_path / "img.parquet")
+    task = TaskData(
+        name="img",
+        inputs={"image": "pixels"},
+        target="label",
+        num_classes=2,
+        dataset="parquet",
+        data_files=str(tmp_path / "img.parquet"),
+    )
+    data = FederatedDataModule([task], [ClientGroup(["img"], count=2)])
+    data.setup()
+    with pytest.raises(ValueError, match=r"Task 'img' \(client \d, \w+ split\): row 17 of 'parquet'.*'pixels'"):
+        data.check_inputs({"image": ImagePreprocessor(image_size=8, channels=1)})
+
+
+def test_truncated_texts_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tapl.models.encoders import TextPreprocessor
+
+    class Words:
+        def __call__(self, texts, truncation=False, **kwargs):
+            return {"input_ids": [t.split() for t in texts]}
+
+    texts = ["a b c"] * 30 + ["a b c d e f g"] * 10
+    pd.DataFrame({"text": texts, "label": np.arange(40) % 2}).to_parquet(tmp_path / "t.parquet")
+    data = FederatedDataModule([text_task(tmp_path / "t.parquet", num_classes=2)], [ClientGroup(["t"])])
+    data.setup()
+    with caplog.at_level("WARNING"):
+        data.check_inputs({"text": TextPreprocessor(Words(), max_length=5)})
+    assert "10 value(s) of column 'text' exceed" in caplog.text

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
@@ -296,3 +297,15 @@ def test_frozen_backbone_is_shared_across_client_visits(
         assert num_bytes(algorithm.received[update.client]) == model.num_trainable_bytes(slice_)
     backbone_bytes = sum(p.numel() * p.element_size() for p in frozen.values())
     assert model.num_trainable_bytes() < backbone_bytes
+
+
+def test_rgb_pil_images_keep_their_channels_apart() -> None:
+    from PIL import Image
+
+    from tapl.models.encoders import ImagePreprocessor
+
+    pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+    pixels[..., 0] = 255  # pure red
+    tensor = ImagePreprocessor(image_size=4, channels=3)([Image.fromarray(pixels)])["pixel_values"]
+    assert tensor.shape == (1, 3, 4, 4)
+    assert torch.all(tensor[0, 0] == 1) and torch.all(tensor[0, 1:] == 0)
