@@ -53,7 +53,7 @@ class Fusion(nn.Module):
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        backbone = load_backbone(name_or_path)
+        backbone = self._load_backbone(name_or_path)
         if num_layers is not None:
             owner_path, _, name = layers_attribute.rpartition(".")
             owner = backbone.get_submodule(owner_path) if owner_path else backbone
@@ -70,6 +70,10 @@ class Fusion(nn.Module):
         self.projections = nn.ModuleDict()
         self.trainable: set[str] = set()
         self._experts: dict[str, dict[str, nn.Parameter]] = {}
+
+    def _load_backbone(self, name_or_path: str) -> nn.Module:
+        """The frozen pretrained model whose layers fuse; a subclass may return a part of a larger model."""
+        return load_backbone(name_or_path)
 
     def build(self, experts: Sequence[str], encoder_widths: dict[str, int]) -> None:
         """Attach the shared expert and ``experts``, and projections for encoders of another width.
@@ -125,6 +129,17 @@ class Fusion(nn.Module):
         for name, params in self.expert_parameters().items():
             for param in params.values():
                 param.requires_grad_(name in self.trainable)
-        mask = torch.cat(masks, dim=1)
-        out = self.model(inputs_embeds=torch.cat(features, dim=1), attention_mask=mask)
+        return self._run(torch.cat(features, dim=1), torch.cat(masks, dim=1))
+
+    def _run(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the adapted pretrained layers over concatenated ``features`` of width :attr:`hidden_size`.
+
+        The active experts are already set. Subclasses override this for models that take hidden states in
+        another way than ``inputs_embeds``.
+
+        Returns:
+            ``(tokens, mask)``, the fused tokens and their mask (a model may add tokens, e.g. a CLS token).
+        """
+        assert self.model is not None
+        out = self.model(inputs_embeds=features, attention_mask=mask)
         return out.last_hidden_state, mask
