@@ -215,7 +215,7 @@ def run_engine(engine: FederatedOrchestrator, args: argparse.Namespace, steps: i
     try:
         sync()
         cpu, started = time.process_time(), time.perf_counter()
-        result = engine.fit_client(client, state, seed_key=(repeat, client.id, 1), steps=steps)
+        result = engine.fit_client(client, state, round=1, seed_key=(repeat, client.id, 1), steps=steps)
         sync()
         timing = Timing(time.perf_counter() - started, time.process_time() - cpu, box[0])
     finally:
@@ -250,7 +250,9 @@ def count_model_moves(engine: FederatedOrchestrator, steps: int) -> tuple[int, i
     model._apply = counting  # type: ignore[method-assign]
     try:
         client = engine.client(0)
-        engine.fit_client(client, clone(select(engine.global_state, engine.slices[0])), seed_key=(0, 0, 2), steps=steps)
+        engine.fit_client(
+            client, clone(select(engine.global_state, engine.slices[0])), round=1, seed_key=(0, 0, 2), steps=steps
+        )
     finally:
         del model._apply
     tensors = [*model.parameters(), *model.buffers()]

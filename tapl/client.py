@@ -34,7 +34,8 @@ class ClientModule(LightningModule):
         tasks: The client's tasks.
         components: The components this module trains (the client's slice).
         optimizer: Builds the optimizer from the slice's parameters.
-        lr: Overrides the optimizer's learning rate for this module (e.g. post-federation fine-tuning).
+        lr: Overrides the optimizer's learning rate for this module (e.g. post-federation fine-tuning): a
+            fixed value, or a function of the configured learning rate (e.g. a warm-up factor).
         loss_fn: Changes the training objective, given the module and the task loss.
     """
 
@@ -44,7 +45,7 @@ class ClientModule(LightningModule):
         tasks: Sequence[Task],
         components: Sequence[str],
         optimizer: OptimizerFactory,
-        lr: float | None = None,
+        lr: float | Callable[[float], float] | None = None,
         loss_fn: LossFn | None = None,
     ) -> None:
         super().__init__()
@@ -154,5 +155,5 @@ class ClientModule(LightningModule):
         optimizer = self.optimizer_factory(self.model.parameters_of(self.components))
         if self.lr is not None:
             for group in optimizer.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = self.lr(group["lr"]) if callable(self.lr) else self.lr
         return optimizer

@@ -99,7 +99,7 @@ class ClientContext:
         Args:
             state: The tensors to start from (usually :attr:`global_state` or a personal model).
             steps: Optimizer steps (default: ``federation.local_steps``).
-            lr: Learning rate override for this fit.
+            lr: Learning rate for this fit (default: the optimizer's, warmed up by ``federation.warmup_rounds``).
             loss_fn: Changes the local objective, e.g. adds a proximal term.
             callbacks: Extra Lightning callbacks for this fit (e.g. optimizer-step hooks).
             module_class: A :class:`ClientModule` subclass for algorithms that change the training step.
@@ -108,6 +108,7 @@ class ClientContext:
         return self.federation.fit_client(
             self.client,
             state,
+            round=self.round,
             seed_key=(self.round, self.client.id, self._fits),
             steps=steps,
             lr=lr,

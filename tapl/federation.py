@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -63,6 +63,9 @@ class FederationConfig:
         clients_per_round: Clients sampled per round: an int is a count, a float in (0, 1] a fraction.
         local_steps: Optimizer steps of one local fit.
         seed: Seed of model initialisation, client sampling and every local fit.
+        warmup_rounds: Warm the learning rate up linearly over this many rounds, from ``warmup_start_lr`` in
+            round 1 to the optimizer's configured (peak) rate from round ``warmup_rounds + 1`` on; 0: no warm-up.
+        warmup_start_lr: The learning rate of round 1 when warming up.
         eval_every: Evaluate on every client's validation split every this many rounds (and after the last).
         checkpoint_every: Write a checkpoint every this many rounds (and after the last).
         progress: Show the progress display.
@@ -72,6 +75,8 @@ class FederationConfig:
     clients_per_round: int | float = 0.5
     local_steps: int = 10
     seed: int = 0
+    warmup_rounds: int = 0
+    warmup_start_lr: float = 1e-4
     eval_every: int = 1
     checkpoint_every: int = 1
     progress: bool = True
@@ -85,6 +90,16 @@ class FederationConfig:
             raise ValueError(f"federation.clients_per_round as a fraction must lie in (0, 1], got {k}")
         if isinstance(k, int) and k < 1:
             raise ValueError(f"federation.clients_per_round must be >= 1, got {k}")
+        if self.warmup_rounds < 0 or self.warmup_start_lr <= 0:
+            raise ValueError("federation.warmup_rounds must be >= 0 and federation.warmup_start_lr > 0")
+
+    def lr_for_round(self, round: int) -> Callable[[float], float] | None:
+        """The warm-up of ``round`` as a function of the peak learning rate, or ``None`` once warmed up."""
+        if round > self.warmup_rounds:
+            return None
+        progress = (round - 1) / self.warmup_rounds
+        start = self.warmup_start_lr
+        return lambda peak: start + (peak - start) * progress
 
     def num_sampled(self, num_clients: int) -> int:
         """How many of ``num_clients`` clients one round samples."""
@@ -225,6 +240,7 @@ class FederatedOrchestrator:
         client: ClientSpec,
         state: ComponentState,
         *,
+        round: int,
         seed_key: Sequence[int],
         steps: int | None = None,
         lr: float | None = None,
@@ -234,6 +250,8 @@ class FederatedOrchestrator:
     ) -> FitResult:
         """One ``Trainer.fit`` of ``state`` on ``client``'s training data (see :meth:`ClientContext.fit`)."""
         steps = steps or self.config.local_steps
+        if lr is None:
+            lr = self.config.lr_for_round(round)
         seed = derive_seed(self.config.seed, *seed_key)
         seed_everything(seed, workers=True, verbose=False)
         components = sorted(state)
