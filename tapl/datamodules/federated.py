@@ -10,8 +10,10 @@ three splits, so a client's train, val and test splits have the same label mix a
 from __future__ import annotations
 
 import logging
+import re
+import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,48 @@ SPLITS = ("train", "val", "test")
 ROW_COLUMN = "__row__"
 
 
+class _RowFormatter(string.Formatter):
+    """``str.format`` over a row, with list values joined by ``", "`` (an indexed element stays as it is)."""
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(str(v) for v in value)
+        return super().format_field(value, format_spec)
+
+
+_FORMATTER = _RowFormatter()
+
+
+def is_template(source: str) -> bool:
+    """Whether an input or target ``source`` is a format template over the row rather than a column name."""
+    return "{" in source
+
+
+def template_fields(template: str) -> list[str]:
+    """The row columns a format template names (``"{q} {choices[0]}"`` -> ``["q", "choices"]``).
+
+    Raises:
+        ValueError: if the template is malformed or has a positional field (``{}`` or ``{0}``).
+    """
+    names: list[str] = []
+    for _, name, _, _ in _FORMATTER.parse(template):
+        if name is None:
+            continue
+        root = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not root or root.isdigit():
+            raise ValueError(f"template {template!r} has a positional field; name a column, e.g. {{question}}")
+        if root not in names:
+            names.append(root)
+    return names
+
+
+def render(source: str, row: Mapping[str, Any]) -> Any:
+    """The value ``source`` gives for ``row``: the column's value, or the formatted template."""
+    if is_template(source):
+        return _FORMATTER.vformat(source, (), row)
+    return row[source]
+
+
 @dataclass
 class TaskData:
     """A task of the federation and where its data comes from.
@@ -37,8 +81,16 @@ class TaskData:
     Args:
         name: Unique task name.
         type: Task type, e.g. ``classification``.
-        inputs: Column holding each input modality, e.g. ``{"text": "sentence"}`` or ``{"image": "img"}``.
-        target: Column holding the target (the class index for classification).
+        inputs: Column holding each input modality, e.g. ``{"text": "sentence"}`` or ``{"image": "img"}``. A
+            value containing ``{`` is instead a Python format template over the row, e.g.
+            ``{"text": "{question} Choices: {choices}"}``: each ``{column}`` is replaced by that column's
+            value, a list value joined with ``", "`` (``{choices[0]}`` picks one element instead). Every
+            column a template names must exist (checked at setup).
+        target: Column holding the target (the class index for classification). May be left out when
+            ``target_template`` is given.
+        target_template: A format template over the row (as for ``inputs``) that builds a text-generation
+            target from several columns, e.g. ``"{concepts}: {target}"``; only for ``text_generation``
+            tasks. When given, it replaces ``target``.
         num_classes: Number of classes (classification); targets must lie in ``[0, num_classes)``.
         target_length: Target tokens decoded (text generation); longer targets are cut.
         dataset: What ``datasets.load_dataset`` loads: a hub name, a builder (``parquet``, ``csv``, ``json``,
@@ -55,7 +107,7 @@ class TaskData:
 
     name: str
     inputs: dict[str, str]
-    target: str
+    target: str = field(default="", kw_only=True)
     dataset: str
     type: str = "classification"
     num_classes: int = 0
@@ -67,14 +119,39 @@ class TaskData:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     head_hidden: int | None = None
+    target_template: str | None = None
 
     def __post_init__(self) -> None:
+        if self.target_template is not None:
+            if self.type != "text_generation":
+                raise ValueError(
+                    f"Task {self.name!r}: target_template builds text targets; it needs type text_generation, "
+                    f"not {self.type!r}."
+                )
+            self.target = self.target_template
+        if not self.target:
+            raise ValueError(f"Task {self.name!r}: give a target column (or a target_template).")
+        for source in [*self.inputs.values(), self.target]:
+            if is_template(source):
+                try:
+                    template_fields(source)
+                except ValueError as error:
+                    raise ValueError(f"Task {self.name!r}: {error}") from error
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise ValueError(f"Task {self.name!r}: val_fraction and test_fraction must lie in [0, 1).")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"Task {self.name!r}: val_fraction + test_fraction must be < 1.")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"Task {self.name!r}: max_rows must be >= 1.")
+
+    def columns(self) -> list[str]:
+        """The dataset columns the task reads: those its inputs and target name, or their templates use."""
+        names: list[str] = []
+        for source in [*self.inputs.values(), self.target]:
+            for column in template_fields(source) if is_template(source) else [source]:
+                if column not in names:
+                    names.append(column)
+        return names
 
     def to_task(self) -> Task:
         """The model-facing declaration of this task."""
@@ -144,8 +221,8 @@ class ClientDataset(Dataset):
         row = rows[int(index - self._offsets[part])]
         return {
             "task": spec.name,
-            "inputs": {m: row[column] for m, column in spec.inputs.items()},
-            "target": row[spec.target],
+            "inputs": {m: render(source, row) for m, source in spec.inputs.items()},
+            "target": render(spec.target, row),
         }
 
 
@@ -254,7 +331,8 @@ class FederatedDataModule:
                 for spec, rows in self.dataset(client.id, split).parts:
                     for modality, column in spec.inputs.items():
                         for start in range(0, len(rows), chunk):
-                            values = rows.select(range(start, min(start + chunk, len(rows))))[column]
+                            part = rows.select(range(start, min(start + chunk, len(rows))))
+                            values = [render(column, r) for r in part] if is_template(column) else part[column]
                             try:
                                 altered = preprocessors[modality].check(values)
                             except UnreadableValue as error:
@@ -297,7 +375,15 @@ class FederatedDataModule:
             pool = load_dataset(spec.dataset, data_files=data_files, split=spec.split)
         except Exception as error:
             raise RuntimeError(f"Task {spec.name!r}: could not load dataset {spec.dataset!r}: {error}") from error
-        columns = [*spec.inputs.values(), spec.target]
+        columns = spec.columns()
+        for source in [*spec.inputs.values(), spec.target]:
+            if is_template(source):
+                missing_fields = [c for c in template_fields(source) if c not in pool.column_names]
+                if missing_fields:
+                    raise ValueError(
+                        f"Task {spec.name!r}: template {source!r} names column(s) {missing_fields} that the dataset "
+                        f"lacks; it has {pool.column_names}."
+                    )
         absent = [c for c in columns if c not in pool.column_names]
         if absent:
             raise ValueError(f"Task {spec.name!r}: dataset has no column(s) {absent}; it has {pool.column_names}.")

@@ -193,3 +193,87 @@ def test_truncated_texts_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFi
     with caplog.at_level("WARNING"):
         data.check_inputs({"text": TextPreprocessor(Words(), max_length=5)})
     assert "10 value(s) of column 'text' exceed" in caplog.text
+
+
+def write_qa_parquet(path: Path, rows: int = 60) -> Path:
+    pd.DataFrame(
+        {
+            "question": [f"q{i}" for i in range(rows)],
+            "choices": [[f"a{i}", f"b{i}", f"c{i}", f"d{i}"] for i in range(rows)],
+            "answer": np.arange(rows) % 4,
+            "words": [["dog", "ball", f"w{i}"] for i in range(rows)],
+        }
+    ).to_parquet(path)
+    return path
+
+
+def test_input_and_target_templates_are_formatted_from_the_row(tmp_path: Path) -> None:
+    path = write_qa_parquet(tmp_path / "qa.parquet")
+    mc = TaskData(
+        name="mc",
+        inputs={"text": "{question} A) {choices[0]} B) {choices[1]} all: {choices}"},
+        target="answer",
+        num_classes=4,
+        dataset="parquet",
+        data_files=str(path),
+    )
+    gen = TaskData(
+        name="gen",
+        type="text_generation",
+        inputs={"text": "Write a sentence with: {words}"},
+        target_template="{question}: {choices[3]}",
+        dataset="parquet",
+        data_files=str(path),
+    )
+    data = FederatedDataModule([mc, gen], [ClientGroup(["mc", "gen"])])
+    data.setup()
+    dataset = data.dataset(0, "train")
+    samples = {dataset[i]["task"]: dataset[i] for i in range(len(dataset))}
+    i = int(samples["mc"]["inputs"]["text"].split()[0][1:])
+    assert samples["mc"]["inputs"]["text"] == f"q{i} A) a{i} B) b{i} all: a{i}, b{i}, c{i}, d{i}"
+    assert samples["mc"]["target"] == i % 4
+    j = int(samples["gen"]["target"].split(":")[0][1:])
+    assert samples["gen"]["inputs"]["text"] == f"Write a sentence with: dog, ball, w{j}"
+    assert samples["gen"]["target"] == f"q{j}: d{j}"
+    assert gen.to_task().modalities == ("text",)
+
+
+def test_plain_columns_still_work_beside_templates(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "d.parquet")
+    data = FederatedDataModule([text_task(path)], [ClientGroup(["t"])])
+    data.setup()
+    sample = data.dataset(0, "train")[0]
+    assert sample["inputs"]["text"].startswith("row ") and isinstance(sample["target"], (int, np.integer))
+
+
+def test_a_template_naming_a_missing_column_is_named(tmp_path: Path) -> None:
+    path = write_qa_parquet(tmp_path / "qa.parquet")
+    task = TaskData(
+        name="mc",
+        inputs={"text": "{question} {options}"},
+        target="answer",
+        num_classes=4,
+        dataset="parquet",
+        data_files=str(path),
+    )
+    with pytest.raises(ValueError, match=r"Task 'mc': template '\{question\} \{options\}'.*\['options'\]"):
+        FederatedDataModule([task], [ClientGroup(["mc"])]).setup()
+    gen = TaskData(
+        name="g",
+        type="text_generation",
+        inputs={"text": "question"},
+        target_template="{concepts}",
+        dataset="parquet",
+        data_files=str(path),
+    )
+    with pytest.raises(ValueError, match=r"Task 'g': template '\{concepts\}'.*\['concepts'\]"):
+        FederatedDataModule([gen], [ClientGroup(["g"])]).setup()
+
+
+def test_template_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs type text_generation"):
+        TaskData(name="c", inputs={"text": "q"}, target_template="{a}", num_classes=2, dataset="parquet")
+    with pytest.raises(ValueError, match="positional field"):
+        TaskData(name="c", inputs={"text": "{} x"}, target="a", num_classes=2, dataset="parquet")
+    with pytest.raises(ValueError, match="target column"):
+        TaskData(name="c", inputs={"text": "q"}, dataset="parquet")
