@@ -117,9 +117,12 @@ def test_the_data_paths_run_on_local_stand_ins(backbone: str, tmp_path: Path) ->
             assert {p.name for p, rows in dataset.parts if len(rows)} == set(client.tasks), (client, split)
         sample = data.dataset(client.id, "train")[0]
         assert all(v is not None for v in sample["inputs"].values())
-    # Templates render: MMLU's lettered choices, CommonGen's joined concepts.
+    # Templates render: MMLU's lettered choices and answer text, CommonGen's joined concepts.
     rendered = {s["task"]: s for c in data.clients for s in [data.dataset(c.id, "train")[0]]}
     assert " A) " in rendered["mmlu_law"]["inputs"]["text"]
+    # MMLU's target is the text of the right choice: choices[answer] (stand-in answer = row % 4).
+    question = rendered["mmlu_law"]["inputs"]["text"].split(" ")[0]
+    assert rendered["mmlu_law"]["target"] == question + "abcd"[int(question[1:]) % 4]
     assert rendered["common_gen"]["inputs"]["text"].startswith("Write a sentence with: dog, w")
 
 

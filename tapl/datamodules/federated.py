@@ -33,7 +33,17 @@ ROW_COLUMN = "__row__"
 
 
 class _RowFormatter(string.Formatter):
-    """``str.format`` over a row, with list values joined by ``", "`` (an indexed element stays as it is)."""
+    """``str.format`` over a row, with list values joined by ``", "`` (an indexed element stays as it is).
+
+    An index that names a column is looked up in the row first: ``{choices[answer]}`` is the element of
+    ``choices`` at the row's ``answer``.
+    """
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> Any:
+        found = re.fullmatch(r"(\w+)\[(\w+)\]", field_name)
+        if found and found.group(2) in kwargs and found.group(1) in kwargs:
+            return kwargs[found.group(1)][kwargs[found.group(2)]], found.group(1)
+        return super().get_field(field_name, args, kwargs)
 
     def format_field(self, value: Any, format_spec: str) -> Any:
         if isinstance(value, (list, tuple)):
@@ -50,7 +60,7 @@ def is_template(source: str) -> bool:
 
 
 def template_fields(template: str) -> list[str]:
-    """The row columns a format template names (``"{q} {choices[0]}"`` -> ``["q", "choices"]``).
+    """The row columns a format template names (``"{q} {choices[answer]}"`` -> ``["q", "choices", "answer"]``).
 
     Raises:
         ValueError: if the template is malformed or has a positional field (``{}`` or ``{0}``).
@@ -62,8 +72,10 @@ def template_fields(template: str) -> list[str]:
         root = re.split(r"[.\[]", name, maxsplit=1)[0]
         if not root or root.isdigit():
             raise ValueError(f"template {template!r} has a positional field; name a column, e.g. {{question}}")
-        if root not in names:
-            names.append(root)
+        # An index that is a name (``{choices[answer]}``) is a column too.
+        for column in [root, *re.findall(r"\[([A-Za-z_]\w*)\]", name)]:
+            if column not in names:
+                names.append(column)
     return names
 
 

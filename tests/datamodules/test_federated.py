@@ -277,3 +277,12 @@ def test_template_declarations_are_checked() -> None:
         TaskData(name="c", inputs={"text": "{} x"}, target="a", num_classes=2, dataset="parquet")
     with pytest.raises(ValueError, match="target column"):
         TaskData(name="c", inputs={"text": "q"}, dataset="parquet")
+
+
+def test_a_template_index_may_name_a_column() -> None:
+    from tapl.datamodules.federated import render, template_fields
+
+    row = {"choices": ["red", "green", "blue"], "answer": 2}
+    assert render("{choices[answer]}", row) == "blue"
+    assert render("{choices[0]} or {choices}", row) == "red or red, green, blue"
+    assert template_fields("{choices[answer]}") == ["choices", "answer"]
