@@ -15,6 +15,8 @@ from tapl.datamodules.collate import TaskBatch, batch_size
 from tapl.models.foundation import FoundationModel
 from tapl.tasks import Task
 
+#: Readable predictions kept per task and evaluation (see :attr:`ClientModule.eval_examples`).
+EXAMPLES_PER_TASK = 3
 #: Builds the optimizer of a visit from the parameters to train.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 #: ``(module, task_loss) -> loss to optimise``: how an algorithm changes the local objective (e.g. FedProx).
@@ -67,6 +69,9 @@ class ClientModule(LightningModule):
         self._train_samples: dict[str, int] = {}
         self._train_totals: dict[str, tuple[float, int]] | None = None
         self.eval_results: dict[str, dict[str, float]] = {}
+        #: The first few readable predictions per task of the last evaluation (e.g. generated text).
+        self.eval_examples: dict[str, list[dict[str, str]]] = {}
+        self._examples: dict[str, list[dict[str, str]]] = {}
 
     def task_losses(self, batch: TaskBatch) -> dict[str, Tensor]:
         """Mean loss of each task present in ``batch``."""
@@ -118,6 +123,10 @@ class ClientModule(LightningModule):
             self.eval_loss[name].update(task.task_type.loss(outputs, targets), weight=len(targets))
             self.eval_samples[name].update(len(targets))
             task.task_type.update_metrics(self.eval_metrics[name], outputs, targets)
+            shown = self._examples.setdefault(name, [])
+            if len(shown) < EXAMPLES_PER_TASK:
+                examples = task.task_type.examples(outputs, targets, self.model.head_context)
+                shown.extend(examples[: EXAMPLES_PER_TASK - len(shown)])
 
     def _eval_epoch_end(self) -> None:
         results: dict[str, dict[str, float]] = {}
@@ -133,6 +142,8 @@ class ClientModule(LightningModule):
             self.eval_samples[name].reset()
             self.eval_metrics[name].reset()
         self.eval_results = results
+        self.eval_examples = {name: shown for name, shown in self._examples.items() if shown}
+        self._examples = {}
 
     @override
     def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:

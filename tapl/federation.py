@@ -165,6 +165,9 @@ class FederatedOrchestrator:
         self.round = 0
         self.finalized = False
         self.client_records: dict[int, dict[str, int]] = {c.id: {"visits": 0, "failures": 0} for c in data.clients}
+        #: Readable predictions (e.g. generated text) of the last evaluation: model -> client -> task -> list.
+        self.examples: dict[str, dict[str, dict[str, list[dict[str, str]]]]] = {}
+        self.last_examples: dict[str, list[dict[str, str]]] = {}
         self._logger: TensorBoardLogger | None = None
         self._progress: RoundProgress | None = None
 
@@ -278,6 +281,7 @@ class FederatedOrchestrator:
             return {}
         with quiet_lightning():
             self.trainers.eval_trainer().validate(module, dataloaders=loader, verbose=False)
+        self.last_examples = module.eval_examples
         return module.eval_results
 
     # -- the round ----------------------------------------------------------------------------------------
@@ -357,18 +361,25 @@ class FederatedOrchestrator:
 
     def _evaluate_all(self, split: str) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
         results: dict[str, dict[str, dict[str, dict[str, float]]]] = {"global": {}}
+        self.examples = {}
         for client in self.data.clients:
             if self._progress:
                 self._progress.client_started(client.id, f"evaluating ({split})")
             global_slice = select(self.global_state, self.slices[client.id])
             results["global"][str(client.id)] = self.evaluate_client(client, global_slice, split)
+            self._keep_examples("global", client.id)
             personal = self.algorithm.personalized_state(client.id, clone(global_slice))
             if personal is not None:
                 results.setdefault("personalized", {})[str(client.id)] = self.evaluate_client(client, personal, split)
+                self._keep_examples("personalized", client.id)
         if "personalized" not in results:
             # Without a personal model the personalized model is the global slice: report it as such.
             results["personalized"] = results["global"]
         return results
+
+    def _keep_examples(self, model: str, client: int) -> None:
+        if self.last_examples:
+            self.examples.setdefault(model, {})[str(client)] = self.last_examples
 
     def _final_results(self, split: str) -> dict[str, Any]:
         evaluation = self._evaluate_all(split)
@@ -383,6 +394,7 @@ class FederatedOrchestrator:
             },
             "per_client": evaluation,
             "summary": {model: summarize(per_client, self.data.tasks) for model, per_client in evaluation.items()},
+            "examples": self.examples,
         }
         self._rank_zero(self.run_dir.write_json, "results.json", results)
         self._rank_zero(self.run_dir.write_text, "results.md", results_table(results, self.data))

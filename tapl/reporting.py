@@ -81,4 +81,20 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
     for model, per_task in results["summary"].items():
         for task, values in per_task.items():
             lines.append(f"| {task} | {model} | {int(values['clients'])} | {cells(values)} |")
+    examples = [
+        (model, client, task, example)
+        for model, per_client in results.get("examples", {}).items()
+        for client, per_task in per_client.items()
+        for task, shown in per_task.items()
+        for example in shown
+    ]
+    if examples:
+        lines += [
+            "",
+            "## Examples (first predictions per client and task)",
+            "",
+            "| client | task | model | prediction | target |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {c} | {t} | {m} | {e['prediction']!r} | {e['target']!r} |" for m, c, t, e in examples]
     return "\n".join(lines) + "\n"

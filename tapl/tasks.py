@@ -90,6 +90,10 @@ class TaskType(ABC):
     def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         """Stack the raw targets of a batch into the tensor :meth:`loss` expects."""
 
+    def examples(self, outputs: Tensor, targets: Tensor, context: HeadContext) -> list[dict[str, str]]:
+        """Human-readable predictions next to their targets, for inspection (none by default)."""
+        return []
+
 
 class Classification(TaskType):
     """Single-label classification over ``task.num_classes`` classes: cross-entropy, accuracy, macro-F1."""
@@ -210,9 +214,15 @@ class TextGeneration(TaskType):
         return ids.masked_fill(encoded["attention_mask"] == 0, self.ignore_index)
 
     def decode(self, outputs: Tensor, context: HeadContext) -> list[str]:
-        """The texts a batch of outputs predicts (greedy per position)."""
+        """The texts a batch of outputs predicts (greedy per position; padding positions predict nothing)."""
         tokenizer = context.preprocessors["text"].tokenizer
         return tokenizer.batch_decode(outputs.argmax(-1), skip_special_tokens=True)
+
+    def examples(self, outputs: Tensor, targets: Tensor, context: HeadContext) -> list[dict[str, str]]:
+        tokenizer = context.preprocessors["text"].tokenizer
+        real = targets.masked_fill(targets == self.ignore_index, tokenizer.pad_token_id or 0)
+        wanted = tokenizer.batch_decode(real, skip_special_tokens=True)
+        return [{"prediction": p, "target": t} for p, t in zip(self.decode(outputs, context), wanted, strict=True)]
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ def test_text_generation_loss_and_metrics_by_hand(model: FoundationModel) -> Non
     assert math.isclose(float(values["token_accuracy"]), correct / tokens, rel_tol=1e-6)
     decoded = kind.decode(outputs, model.head_context)
     assert len(decoded) == 1 and isinstance(decoded[0], str)
+    shown = kind.examples(outputs, targets, model.head_context)
+    assert shown == [{"prediction": decoded[0], "target": "hate the movie a"}]
 
 
 def test_text_decoder_is_tied_to_the_frozen_embeddings(model: FoundationModel) -> None:
@@ -150,5 +152,10 @@ def test_a_federation_trains_all_three_task_types(assets, tmp_path: Path, monkey
     assert {"mse", "loss"} <= set(summary["recon"]) and {"perplexity", "token_accuracy"} <= set(summary["answer"])
     assert all(math.isfinite(v) for task in summary.values() for v in task.values())
     assert set(records[-1]["train"]["2"]) == {"train_loss/shapes", "train_loss/answer"}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    shown = results["examples"]["global"]["2"]["answer"]
+    assert 1 <= len(shown) <= 3 and all(isinstance(e["prediction"], str) for e in shown)
+    assert "recon" not in results["examples"]["global"].get("0", {})
     table = (tmp_path / "run" / "results.md").read_text()
+    assert "## Examples" in table
     assert "perplexity" in table and "mse" in table and "Lower is better: loss, mse, perplexity" in table
