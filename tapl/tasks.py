@@ -159,10 +159,12 @@ class TextGeneration(TaskType):
     """Generation of a target text (an answer, a description) from the inputs: token cross-entropy.
 
     The head is a :class:`~tapl.heads.ParallelTextDecoder` (non-autoregressive, documented choice): it
-    predicts the first ``task.target_length`` tokens of the target at once, with its output projection tied to
-    the text encoder's frozen embeddings. Targets are tokenized by the text encoder's tokenizer without
-    special tokens; padding positions are ignored by the loss and the metrics. Metrics: perplexity and token
-    accuracy over real target tokens. :meth:`decode` turns outputs back into text for inspection.
+    predicts ``task.target_length`` token positions at once, with its output projection tied to the text
+    encoder's frozen embeddings. A target is the text's tokens (by the text encoder's tokenizer, cut to
+    ``target_length - 1``) followed by an end token (the tokenizer's separator or end-of-sequence token);
+    positions after it are ignored by the loss and the metrics, and decoding stops at the first end token.
+    Metrics: perplexity and token accuracy over the target tokens, the end token included. :meth:`decode`
+    turns outputs back into text for inspection.
     """
 
     name = "text_generation"
@@ -202,27 +204,39 @@ class TextGeneration(TaskType):
 
     def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         tokenizer = context.preprocessors["text"].tokenizer
-        encoded = tokenizer(
-            [str(t) for t in targets],
-            add_special_tokens=False,
-            padding="max_length",
-            truncation=True,
-            max_length=task.target_length,
-            return_tensors="pt",
-        )
-        ids = encoded["input_ids"]
-        return ids.masked_fill(encoded["attention_mask"] == 0, self.ignore_index)
+        end = _end_token(tokenizer)
+        keep = task.target_length - (end is not None)
+        encoded = tokenizer([str(t) for t in targets], add_special_tokens=False, truncation=True, max_length=keep)
+        rows = torch.full((len(targets), task.target_length), self.ignore_index, dtype=torch.long)
+        for row, ids in zip(rows, encoded["input_ids"], strict=True):
+            ids = [*ids[:keep], *([end] if end is not None else [])]
+            row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return rows
+
+    def _texts(self, ids: Tensor, context: HeadContext) -> list[str]:
+        tokenizer = context.preprocessors["text"].tokenizer
+        end = _end_token(tokenizer)
+        cut = []
+        for row in ids.tolist():
+            row = [i for i in row if i != self.ignore_index]
+            cut.append(row[: row.index(end)] if end in row else row)
+        return tokenizer.batch_decode(cut, skip_special_tokens=True)
 
     def decode(self, outputs: Tensor, context: HeadContext) -> list[str]:
-        """The texts a batch of outputs predicts (greedy per position; padding positions predict nothing)."""
-        tokenizer = context.preprocessors["text"].tokenizer
-        return tokenizer.batch_decode(outputs.argmax(-1), skip_special_tokens=True)
+        """The texts a batch of outputs predicts: greedy per position, up to the first end token."""
+        return self._texts(outputs.argmax(-1), context)
 
     def examples(self, outputs: Tensor, targets: Tensor, context: HeadContext) -> list[dict[str, str]]:
-        tokenizer = context.preprocessors["text"].tokenizer
-        real = targets.masked_fill(targets == self.ignore_index, tokenizer.pad_token_id or 0)
-        wanted = tokenizer.batch_decode(real, skip_special_tokens=True)
+        wanted = self._texts(targets, context)
         return [{"prediction": p, "target": t} for p, t in zip(self.decode(outputs, context), wanted, strict=True)]
+
+
+def _end_token(tokenizer: Any) -> int | None:
+    """The token that ends a generated text: the separator (BERT-like) or end-of-sequence token."""
+    for token_id in (tokenizer.sep_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return None
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,10 @@ def test_text_generation_targets_ignore_padding(model: FoundationModel) -> None:
     targets = task.task_type.collate_targets(["good day", "bad movie food the a"], task, model.head_context)
     tokenizer = model.preprocessors["text"].tokenizer
     assert targets.shape == (2, 4)
-    assert targets[0, :2].tolist() == tokenizer.convert_tokens_to_ids(["good", "day"])
-    assert targets[0, 2:].tolist() == [IGNORE, IGNORE]
-    assert (targets[1] != IGNORE).all()  # cut to target_length
+    assert targets[0, :3].tolist() == tokenizer.convert_tokens_to_ids(["good", "day", "[SEP]"])
+    assert targets[0, 3:].tolist() == [IGNORE]
+    # cut to target_length - 1 words, then the end token
+    assert targets[1].tolist() == tokenizer.convert_tokens_to_ids(["bad", "movie", "food", "[SEP]"])
 
 
 def test_text_generation_loss_and_metrics_by_hand(model: FoundationModel) -> None:
@@ -92,7 +93,7 @@ def test_text_generation_loss_and_metrics_by_hand(model: FoundationModel) -> Non
     decoded = kind.decode(outputs, model.head_context)
     assert len(decoded) == 1 and isinstance(decoded[0], str)
     shown = kind.examples(outputs, targets, model.head_context)
-    assert shown == [{"prediction": decoded[0], "target": "hate the movie a"}]
+    assert shown == [{"prediction": decoded[0], "target": "hate the movie"}]
 
 
 def test_text_decoder_is_tied_to_the_frozen_embeddings(model: FoundationModel) -> None:
