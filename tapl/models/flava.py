@@ -23,21 +23,6 @@ from tapl.models.fusion import Fusion
 from tapl.models.loading import LoraSettings, attach_lora, load_backbone, load_tokenizer
 
 
-def load_flava(name_or_path: str) -> FlavaModel:
-    """Load a frozen ``FlavaModel``.
-
-    Raises:
-        ValueError: if ``name_or_path`` holds another model class.
-    """
-    model = load_backbone(name_or_path)
-    if not isinstance(model, FlavaModel):
-        raise ValueError(
-            f"{name_or_path!r} holds a {type(model).__name__}, not a FlavaModel; FLAVA encoders and fusion need a "
-            "FLAVA checkpoint such as 'facebook/flava-full'."
-        )
-    return model
-
-
 def fit_pixels(pixels: Tensor, size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Turn ``(B, C, H, W)`` pixels in [0, 1] into what a pretrained vision tower expects.
 
@@ -75,7 +60,7 @@ class FlavaTextEncoder(Encoder):
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        tower = load_flava(name_or_path).text_model
+        tower = load_backbone(name_or_path, FlavaModel).text_model
         limit = tower.config.max_position_embeddings
         if max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds the FLAVA text tower's {limit} positions")
@@ -123,7 +108,7 @@ class FlavaImageEncoder(Encoder):
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        tower = load_flava(name_or_path).image_model
+        tower = load_backbone(name_or_path, FlavaModel).image_model
         self.tower_size = tower.config.image_size
         self.tower_channels = tower.config.num_channels
         if len(mean) != self.tower_channels or len(std) != self.tower_channels:
@@ -160,7 +145,7 @@ class FlavaFusion(Fusion):
         super().__init__(name_or_path, num_layers=num_layers, layers_attribute="encoder.layer", lora=lora)
 
     def _load_backbone(self, name_or_path: str) -> nn.Module:
-        flava = load_flava(name_or_path)
+        flava = load_backbone(name_or_path, FlavaModel)
         self.input_projections = nn.ModuleDict(
             {"image": flava.image_to_mm_projection, "text": flava.text_to_mm_projection}
         )

@@ -70,10 +70,23 @@ def resolve_pretrained(name_or_path: str) -> str:
     return str(path)
 
 
-def load_backbone(name_or_path: str) -> PreTrainedModel:
-    """Load a pretrained model with ``AutoModel.from_pretrained`` and freeze all its weights."""
+def load_backbone(name_or_path: str, expected: type[PreTrainedModel] | None = None) -> PreTrainedModel:
+    """Load a pretrained model with ``AutoModel.from_pretrained`` and freeze all its weights.
+
+    Args:
+        name_or_path: Hub name, local directory or ``package:MODULE/SUBDIR``.
+        expected: The model class the caller needs (e.g. ``FlavaModel``), checked after loading.
+
+    Raises:
+        ValueError: if the checkpoint holds another model class than ``expected``.
+    """
     hf_logging.disable_progress_bar()
     model = AutoModel.from_pretrained(resolve_pretrained(name_or_path))
+    if expected is not None and not isinstance(model, expected):
+        raise ValueError(
+            f"{name_or_path!r} holds a {type(model).__name__}, not a {expected.__name__}: give a checkpoint of "
+            f"that model class."
+        )
     model.requires_grad_(False)
     return model
 

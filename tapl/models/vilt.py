@@ -32,21 +32,6 @@ from tapl.models.loading import LoraSettings, load_backbone, load_tokenizer
 TEXT_TYPE, IMAGE_TYPE = 0, 1  # ViLT's modality-type ids
 
 
-def load_vilt(name_or_path: str) -> ViltModel:
-    """Load a frozen ``ViltModel``.
-
-    Raises:
-        ValueError: if ``name_or_path`` holds another model class.
-    """
-    model = load_backbone(name_or_path)
-    if not isinstance(model, ViltModel):
-        raise ValueError(
-            f"{name_or_path!r} holds a {type(model).__name__}, not a ViltModel; ViLT encoders and fusion need a "
-            "ViLT checkpoint such as 'dandelin/vilt-b32-mlm'."
-        )
-    return model
-
-
 def _attach_embedding_lora(module: nn.Module, settings: LoraSettings, default_targets: list[str]) -> None:
     config = LoraConfig(
         r=settings.r,
@@ -73,7 +58,7 @@ class ViltTextEncoder(Encoder):
     def __init__(self, name_or_path: str, max_length: int = 40, lora: LoraSettings | None = None) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        vilt = load_vilt(name_or_path)
+        vilt = load_backbone(name_or_path, ViltModel)
         limit = vilt.config.max_position_embeddings
         if max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds ViLT's {limit} text positions")
@@ -123,7 +108,7 @@ class ViltImageEncoder(Encoder):
     ) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        vilt = load_vilt(name_or_path)
+        vilt = load_backbone(name_or_path, ViltModel)
         config = vilt.config
         self.tower_size, self.tower_channels = config.image_size, config.num_channels
         if len(mean) != self.tower_channels or len(std) != self.tower_channels:
@@ -165,7 +150,7 @@ class ViltFusion(Fusion):
         super().__init__(name_or_path, num_layers=num_layers, layers_attribute="encoder.layer", lora=lora)
 
     def _load_backbone(self, name_or_path: str) -> nn.Module:
-        return load_vilt(name_or_path)
+        return load_backbone(name_or_path, ViltModel)
 
     def _run(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         assert self.model is not None
