@@ -11,18 +11,27 @@ WORDS = ["good", "great", "fine", "love", "bad", "awful", "poor", "hate", "the",
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
 
 
-def make_tiny_bert(directory: Path) -> Path:
-    """Save a 2-layer BERT (hidden 32) with a word-level tokenizer into ``directory``."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+
+
+def save_tiny_tokenizer(directory: Path) -> None:
+    """Save a word-level BERT tokenizer over :data:`VOCAB` into ``directory``."""
+    from transformers import BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
-    assert len(tokenizer) == len(vocab), "the tiny tokenizer must know every word"
+    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)})
+    assert len(tokenizer) == len(VOCAB), "the tiny tokenizer must know every word"
     tokenizer.save_pretrained(directory)
+
+
+def make_tiny_bert(directory: Path) -> Path:
+    """Save a 2-layer BERT (hidden 32) with a word-level tokenizer into ``directory``."""
+    from transformers import BertConfig, BertModel
+
+    save_tiny_tokenizer(directory)
     config = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(VOCAB),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,

@@ -143,18 +143,27 @@ class TextEncoder(Encoder):
     def __init__(self, name_or_path: str, max_length: int = 128, lora: LoraSettings | None = None) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        backbone = load_backbone(name_or_path)
+        backbone = self._load_backbone(name_or_path)
+        limit = getattr(backbone.config, "max_position_embeddings", None)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length {max_length} exceeds the text model's {limit} positions")
         self.hidden_size = backbone.config.hidden_size
         self.backbone = attach_lora(backbone, lora or LoraSettings())
         self.preprocessor = TextPreprocessor(load_tokenizer(name_or_path), max_length)
 
+    def _load_backbone(self, name_or_path: str) -> nn.Module:
+        """The frozen text transformer (overridden for towers inside multimodal checkpoints)."""
+        return load_backbone(name_or_path)
+
     def input_embeddings(self) -> nn.Embedding | None:
         return self.backbone.get_input_embeddings()
 
+    def _last_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
+        out = self.backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        return out.last_hidden_state
+
     def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        mask = inputs["attention_mask"]
-        out = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask)
-        return out.last_hidden_state, mask
+        return self._last_tokens(inputs), inputs["attention_mask"]
 
 
 class PatchImageEncoder(Encoder):

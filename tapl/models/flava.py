@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from transformers import FlavaModel
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from tapl.models.encoders import Encoder, ImagePreprocessor, TextPreprocessor
+from tapl.models.encoders import Encoder, ImagePreprocessor, TextEncoder
 from tapl.models.fusion import Fusion
-from tapl.models.loading import LoraSettings, attach_lora, load_backbone, load_tokenizer
+from tapl.models.loading import LoraSettings, attach_lora, load_backbone
 
 
 def fit_pixels(pixels: Tensor, size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -42,7 +42,7 @@ def fit_pixels(pixels: Tensor, size: int, channels: int, mean: Sequence[float], 
     return (pixels - mean_) / std_
 
 
-class FlavaTextEncoder(Encoder):
+class FlavaTextEncoder(TextEncoder):
     """FLAVA's text tower, frozen, with LoRA on its attention projections.
 
     Args:
@@ -58,24 +58,19 @@ class FlavaTextEncoder(Encoder):
     def __init__(
         self, name_or_path: str, max_length: int = 77, layernorm: bool = True, lora: LoraSettings | None = None
     ) -> None:
-        super().__init__()
-        self.name_or_path = name_or_path
-        tower = load_backbone(name_or_path, FlavaModel).text_model
-        limit = tower.config.max_position_embeddings
-        if max_length > limit:
-            raise ValueError(f"max_length {max_length} exceeds the FLAVA text tower's {limit} positions")
-        self.hidden_size = tower.config.hidden_size
+        super().__init__(name_or_path, max_length, lora)
         self.layernorm = layernorm
-        self.backbone = attach_lora(tower, lora or LoraSettings())
-        self.preprocessor = TextPreprocessor(load_tokenizer(name_or_path), max_length)
 
-    def input_embeddings(self) -> nn.Embedding | None:
-        return self.backbone.get_input_embeddings()
+    def _load_backbone(self, name_or_path: str) -> nn.Module:
+        return load_backbone(name_or_path, FlavaModel).text_model
 
-    def forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        mask = inputs["attention_mask"]
-        out = self.backbone(input_ids=inputs["input_ids"], attention_mask=mask, output_hidden_states=not self.layernorm)
-        return (out.last_hidden_state if self.layernorm else out.hidden_states[-1]), mask
+    def _last_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
+        if self.layernorm:
+            return super()._last_tokens(inputs)
+        out = self.backbone(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True
+        )
+        return out.hidden_states[-1]
 
 
 class FlavaImageEncoder(Encoder):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import WORDS, tiny_config
+from helpers import VOCAB, save_tiny_tokenizer, tiny_config
 
 from tapl.cli import main
 from tapl.models import LoraSettings
@@ -19,15 +19,7 @@ from tapl.models.vilt import ViltFusion, ViltImageEncoder, ViltTextEncoder
 from tapl.tasks import Task
 
 LORA = LoraSettings(r=2, alpha=4, dropout=0.0)
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 IMAGE_SIZE = 8  # the data's grey 8x8 images; the towers take 3 x 16 x 16
-
-
-def save_tokenizer(directory: Path) -> None:
-    from transformers import BertTokenizerFast
-
-    (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(VOCAB)}).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def flava_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     FlavaModel(config).save_pretrained(directory)
-    save_tokenizer(directory)
+    save_tiny_tokenizer(directory)
     return directory
 
 
@@ -66,7 +58,7 @@ def vilt_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     ViltModel(config).save_pretrained(directory)
-    save_tokenizer(directory)
+    save_tiny_tokenizer(directory)
     return directory
 
 

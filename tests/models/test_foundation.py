@@ -232,8 +232,10 @@ def test_resolve_pretrained_finds_model_files_in_an_installed_package(
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert resolve_pretrained("package:tapl_test_model_pkg/tiny") == str(package / "tiny")
     assert resolve_pretrained("package:tapl_test_model_pkg") == str(package / "")
-    encoder = TextEncoder("package:tapl_test_model_pkg/tiny", lora=LoraSettings(r=2))
+    encoder = TextEncoder("package:tapl_test_model_pkg/tiny", max_length=16, lora=LoraSettings(r=2))
     assert encoder.hidden_size == 32
+    with pytest.raises(ValueError, match="max_length 128 exceeds the text model's 64 positions"):
+        TextEncoder("package:tapl_test_model_pkg/tiny", lora=LoraSettings(r=2))
     assert resolve_pretrained(str(assets["bert"])) == str(assets["bert"])
     assert resolve_pretrained("bert-base-uncased") == "bert-base-uncased"
 
