@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -73,25 +74,30 @@ class ClientModule(LightningModule):
         self.eval_examples: dict[str, list[dict[str, str]]] = {}
         self._examples: dict[str, list[dict[str, str]]] = {}
 
-    def task_losses(self, batch: TaskBatch) -> dict[str, Tensor]:
-        """Mean loss of each task present in ``batch``."""
-        losses = {}
-        for name, part in batch.items():
-            outputs = self.model(name, part["inputs"])
-            losses[name] = self.tasks[name].task_type.loss(outputs, part["targets"])
-        return losses
+    def objective(self, task: str, part: dict[str, Any], outputs: Tensor, task_loss: Tensor) -> Tensor:
+        """The loss optimised for one task's part of a training batch: its task loss by default.
+
+        Override to add terms that need the outputs (e.g. distillation towards a teacher's outputs).
+
+        Args:
+            task: The task's name.
+            part: The task's part of the batch (``inputs`` and ``targets``).
+            outputs: The model's outputs for that part.
+            task_loss: The task type's loss of those outputs (already recorded as the training loss).
+        """
+        return task_loss
 
     @override
     def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
         total = batch_size(batch)
-        losses = self.task_losses(batch)
         loss = torch.zeros((), device=self.device)
-        for name, task_loss in losses.items():
-            n = len(batch[name]["targets"])
-            loss = loss + task_loss * (n / total)
-            detached = task_loss.detach() * n
-            self._train_loss_sum[name] = self._train_loss_sum.get(name, 0) + detached
+        for name, part in batch.items():
+            outputs = self.model(name, part["inputs"])
+            task_loss = self.tasks[name].task_type.loss(outputs, part["targets"])
+            n = len(part["targets"])
+            self._train_loss_sum[name] = self._train_loss_sum.get(name, 0) + task_loss.detach() * n
             self._train_samples[name] = self._train_samples.get(name, 0) + n
+            loss = loss + self.objective(name, part, outputs, task_loss) * (n / total)
         if self.loss_fn is not None:
             loss = self.loss_fn(self, loss)
         return loss

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch import Callback
 
@@ -40,22 +40,33 @@ class ClientUpdate:
         state: The tensors sent to the server; only these count as upload traffic.
         num_samples: The client's training samples (the default aggregation weight).
         metrics: Scalars to log for this visit (e.g. training loss per task, a proximal term).
+        events: Things that happened during the visit, logged as they are in ``metrics.jsonl`` (e.g. TAP's
+            replacements); each a JSON-serialisable dict.
     """
 
     client: int
     state: ComponentState
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: The two stages a visit can belong to: a federated round, or the post-federation stage after the last one.
+Stage = Literal["federation", "post-federation"]
+_STAGE_KEYS: dict[str, int] = {"federation": 0, "post-federation": 1}
 
 
 class ClientContext:
-    """One visit of one client in one round, as an algorithm's ``client_update`` sees it.
+    """One visit of one client, as an algorithm's ``client_update`` (or ``finalize_client``) sees it.
 
     Attributes:
         client: The client (id and tasks).
-        round: The round number (from 1).
+        round: The round number (from 1); in the post-federation stage, the last round.
         global_state: The client's slice of the current global model (a private copy).
         components: The components of the client's slice.
+        stage: ``"federation"`` for a visit in a round, ``"post-federation"`` after the last round.
+        finetuned: In the post-federation stage, the client's global slice after the engine's fine-tuning
+            (``federation.finetune_steps``; the "+FT" model); ``None`` otherwise or when disabled.
     """
 
     def __init__(
@@ -64,13 +75,25 @@ class ClientContext:
         client: ClientSpec,
         round: int,
         global_state: ComponentState,
+        stage: Stage = "federation",
+        finetuned: ComponentState | None = None,
     ) -> None:
         self.federation = federation
         self.client = client
         self.round = round
         self.global_state = global_state
         self.components = sorted(global_state)
-        self._fits = 0
+        self.stage = stage
+        self.finetuned = finetuned
+        self._streams = 0
+
+    def new_stream(self) -> int:
+        """A fresh random stream of this visit: fits given the same stream see the same data order and draws.
+
+        ``fit`` without a ``stream`` takes a new one, so a visit's fits are numbered 1, 2, ... in call order.
+        """
+        self._streams += 1
+        return self._streams
 
     @property
     def num_train_samples(self) -> int:
@@ -89,12 +112,14 @@ class ClientContext:
         lr: float | None = None,
         loss_fn: LossFn | None = None,
         callbacks: Sequence[Callback] = (),
-        module_class: type[ClientModule] = ClientModule,
+        module_class: Callable[..., ClientModule] = ClientModule,
+        stream: int | None = None,
+        trainable: Sequence[str] | None = None,
     ) -> FitResult:
         """Train ``state`` on this client's training data with one ``Trainer.fit``.
 
-        Each call of a visit draws its own data order and randomness from ``(seed, round, client, call)``, so
-        a visit is reproducible and independent of what ran before it.
+        Each fit draws its data order and randomness from ``(seed, stage, round, client, stream)``, so a visit
+        is reproducible and independent of what ran before it.
 
         Args:
             state: The tensors to start from (usually :attr:`global_state` or a personal model).
@@ -102,19 +127,27 @@ class ClientContext:
             lr: Learning rate for this fit (default: the optimizer's, warmed up by ``federation.warmup_rounds``).
             loss_fn: Changes the local objective, e.g. adds a proximal term.
             callbacks: Extra Lightning callbacks for this fit (e.g. optimizer-step hooks).
-            module_class: A :class:`ClientModule` subclass for algorithms that change the training step.
+            module_class: A :class:`ClientModule` subclass for algorithms that change the training step, or a
+                callable that builds one from the same arguments (e.g. a ``functools.partial`` with extra ones).
+            stream: The random stream (see :meth:`new_stream`); a new one by default. Two fits with the same
+                stream, steps and batch size see the same batches in the same order (e.g. an ablation).
+            trainable: Train only these components of ``state``; the others are loaded and stay frozen (e.g.
+                a local head over a shared body). Default: every component of ``state``. The result holds
+                every component of ``state``.
         """
-        self._fits += 1
+        if stream is None:
+            stream = self.new_stream()
         return self.federation.fit_client(
             self.client,
             state,
             round=self.round,
-            seed_key=(self.round, self.client.id, self._fits),
+            seed_key=(_STAGE_KEYS[self.stage], self.round, self.client.id, stream),
             steps=steps,
             lr=lr,
             loss_fn=loss_fn,
             callbacks=callbacks,
             module_class=module_class,
+            trainable=trainable,
         )
 
     def evaluate(self, state: ComponentState, split: str = "val") -> dict[str, dict[str, float]]:

@@ -43,8 +43,9 @@ from tapl.context import ClientContext, ClientUpdate, FitResult
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.federated import ClientSpec, FederatedDataModule
 from tapl.models.foundation import FoundationModel
+from tapl.plateau import Plateau
 from tapl.reporting import results_table, summarize
-from tapl.run_dir import FINAL, RunDirectory, RunDirError
+from tapl.run_dir import FINAL, POST_FEDERATION_METRICS, RunDirectory, RunDirError
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class FederationConfig:
         eval_every: Evaluate on every client's validation split every this many rounds (and after the last).
         checkpoint_every: Write a checkpoint every this many rounds (and after the last).
         progress: Show the progress display.
+        finetune_steps: Post-federation fine-tuning: each client's final global slice trains this many steps
+            on its own training data, reported as the "+FT" model (e.g. FedAvg+FT) and used by algorithms as
+            a teacher (TAP); 0 disables it.
+        finetune_lr: Learning rate of that fine-tuning.
+        plateau_window: Stop federation early once the global model's validation loss has stabilized: for
+            this many consecutive evaluations, every task's loss changed by less than ``plateau_tolerance``
+            (relative to the previous evaluation); the post-federation stage then runs. 0: run every round.
+        plateau_tolerance: The relative change below which a task's validation loss counts as stable.
     """
 
     rounds: int = 10
@@ -80,6 +89,10 @@ class FederationConfig:
     eval_every: int = 1
     checkpoint_every: int = 1
     progress: bool = True
+    finetune_steps: int = 50
+    finetune_lr: float = 1e-4
+    plateau_window: int = 0
+    plateau_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "eval_every", "checkpoint_every"):
@@ -92,6 +105,9 @@ class FederationConfig:
             raise ValueError(f"federation.clients_per_round must be >= 1, got {k}")
         if self.warmup_rounds < 0 or self.warmup_start_lr <= 0:
             raise ValueError("federation.warmup_rounds must be >= 0 and federation.warmup_start_lr > 0")
+        if self.finetune_steps < 0 or self.finetune_lr <= 0:
+            raise ValueError("federation.finetune_steps must be >= 0 and federation.finetune_lr > 0")
+        Plateau(self.plateau_window, self.plateau_tolerance)  # validates both
 
     def lr_for_round(self, round: int) -> Callable[[float], float] | None:
         """The warm-up of ``round`` as a function of the peak learning rate, or ``None`` once warmed up."""
@@ -164,6 +180,10 @@ class FederatedOrchestrator:
         self.global_state: ComponentState = model.get_state()
         self.round = 0
         self.finalized = False
+        self.plateau = Plateau(self.config.plateau_window, self.config.plateau_tolerance)
+        #: Post-federation progress: clients done, and each client's fine-tuned global slice ("+FT" model).
+        self.post_done: list[int] = []
+        self.finetuned: dict[int, ComponentState] = {}
         self.client_records: dict[int, dict[str, int]] = {c.id: {"visits": 0, "failures": 0} for c in data.clients}
         #: Readable predictions (e.g. generated text) of the last evaluation: model -> client -> task -> list.
         self.examples: dict[str, dict[str, dict[str, list[dict[str, str]]]]] = {}
@@ -194,26 +214,34 @@ class FederatedOrchestrator:
         self.data.check_inputs(self.model.preprocessors)
         self.algorithm.setup(self)
         if ckpt_path is not None:
-            self._restore(self.run_dir.resolve_checkpoint(ckpt_path))
+            self._restore(self._resume_checkpoint(ckpt_path))
             if self.round > self.config.rounds:
                 raise RunDirError(
                     f"The checkpoint is at round {self.round}, beyond --federation.rounds {self.config.rounds}."
                 )
-            self._rank_zero(self.run_dir.truncate_metrics, self.round)
-            self.finalized = self.finalized and self.round == self.config.rounds
+            post_stage = self.finalized or bool(self.post_done)
+            if post_stage and self.round < self.config.rounds and self.plateau.stopped_at is None:
+                raise RunDirError(
+                    f"The checkpoint is from the post-federation stage after round {self.round}; to run more rounds "
+                    f"resume from {self.run_dir.checkpoints / self.run_dir.round_checkpoint_name(self.round)}."
+                )
+            done = set(self.post_done)
+            self._rank_zero(self.run_dir.truncate_metrics, lambda r: r["round"] <= self.round)
+            self._rank_zero(self.run_dir.truncate_metrics, lambda r: r["client"] in done, POST_FEDERATION_METRICS)
         self._write_config()
         with RoundProgress(self.config.rounds, self.round, self.config.progress) as progress:
             self._progress = progress
             for round in range(self.round + 1, self.config.rounds + 1):
+                if self.plateau.stopped_at is not None:
+                    break
                 self._run_round(round)
+            if self.plateau.stopped_at is not None:
+                progress.print(f"the global validation loss is stable: federation stopped after round {self.round}")
             if not self.finalized:
-                progress.print("post-federation stage")
-                self.algorithm.finalize(self.global_state)
-                self.finalized = True
-                self._save_checkpoint(FINAL)
+                self._post_federation()
             results = self._final_results("test")
             progress.print(
-                f"done: {self.config.rounds} rounds in {time.perf_counter() - started:.1f} s; "
+                f"done: {self.round} rounds in {time.perf_counter() - started:.1f} s; "
                 f"results in {self.run_dir.root / 'results.md'}"
             )
         self._progress = None
@@ -228,6 +256,12 @@ class FederatedOrchestrator:
         self.data.setup()
         self.algorithm.setup(self)
         self._restore(self.run_dir.resolve_checkpoint(ckpt_path or "last", prefer_final=True))
+        if not self.finalized:
+            log.warning(
+                "The checkpoint of round %d precedes the end of the post-federation stage: its models are tested "
+                "as they are (resume the run with `tapl fit --ckpt_path last` to finish it).",
+                self.round,
+            )
         results = self._final_results("test")
         log.info("Test results of round %d in %s", self.round, self.run_dir.root / "results.md")
         return results
@@ -249,7 +283,8 @@ class FederatedOrchestrator:
         lr: float | None = None,
         loss_fn: LossFn | None = None,
         callbacks: Sequence[Callback] = (),
-        module_class: type[ClientModule] = ClientModule,
+        module_class: Callable[..., ClientModule] = ClientModule,
+        trainable: Sequence[str] | None = None,
     ) -> FitResult:
         """One ``Trainer.fit`` of ``state`` on ``client``'s training data (see :meth:`ClientContext.fit`)."""
         steps = steps or self.config.local_steps
@@ -258,12 +293,16 @@ class FederatedOrchestrator:
         seed = derive_seed(self.config.seed, *seed_key)
         seed_everything(seed, workers=True, verbose=False)
         components = sorted(state)
+        trained = components if trainable is None else sorted(trainable)
+        outside = sorted(set(trained) - set(components))
+        if outside:
+            raise ValueError(f"trainable components {outside} are not in the fitted state {components}")
         self.model.load_state(state, f"state fitted on client {client.id}")
-        self.model.set_trainable(components)
+        self.model.set_trainable(trained)
         # Pretrained backbones load in eval mode; local training uses their dropout like any fine-tuning.
         self.model.train()
         module = module_class(
-            self.model, [self.data.tasks[t] for t in client.tasks], components, self.optimizer, lr, loss_fn
+            self.model, [self.data.tasks[t] for t in client.tasks], trained, self.optimizer, lr, loss_fn
         )
         loader = self.data.train_dataloader(client.id, self.collate, seed)
         with quiet_lightning():
@@ -283,6 +322,50 @@ class FederatedOrchestrator:
             self.trainers.eval_trainer().validate(module, dataloaders=loader, verbose=False)
         self.last_examples = module.eval_examples
         return module.eval_results
+
+    # -- the post-federation stage ------------------------------------------------------------------------
+
+    def _post_federation(self) -> None:
+        """Fine-tune every client's global slice (the "+FT" model), run the algorithm's per-client stage."""
+        progress = self._progress
+        todo = [c for c in self.data.clients if c.id not in self.post_done]
+        if progress:
+            progress.print(f"post-federation stage: {len(todo)} clients")
+            progress.start_round(self.round, len(todo), "post-federation")
+        for client in todo:
+            started = time.perf_counter()
+            global_slice = clone(select(self.global_state, self.slices[client.id]))
+            ctx = ClientContext(self, client, self.round, global_slice, stage="post-federation")
+            record: dict[str, Any] = {"round": self.round, "client": client.id}
+            if self.algorithm.has_global_model and self.config.finetune_steps:
+                if progress:
+                    progress.client_started(client.id, "fine-tuning the global slice")
+                result = ctx.fit(global_slice, steps=self.config.finetune_steps, lr=self.config.finetune_lr)
+                self.finetuned[client.id] = ctx.finetuned = result.state
+                record["finetune_loss"] = result.train_loss
+            if progress:
+                progress.client_started(client.id, f"{self.algorithm.label} post-federation")
+            record["algorithm"] = self.algorithm.finalize_client(ctx)
+            self.post_done.append(client.id)
+            record["seconds"] = time.perf_counter() - started
+            self._rank_zero(self.run_dir.append_metrics, record, POST_FEDERATION_METRICS)
+            self._log_post_scalars(record)
+            self._save_checkpoint(FINAL)
+            if progress:
+                progress.client_done()
+                progress.print(f"post-federation: client {client.id} done in {record['seconds']:.1f} s")
+        self.algorithm.finalize(self.global_state)
+        self.finalized = True
+        self._save_checkpoint(FINAL)
+
+    def _resume_checkpoint(self, ckpt_path: str) -> Any:
+        """The checkpoint ``--ckpt_path`` names; ``last`` prefers the post-federation one unless extending."""
+        final = self.run_dir.checkpoints / FINAL
+        if ckpt_path == "last" and (final / "state.pt").is_file():
+            _, payload = self.run_dir.load_checkpoint(final)
+            if payload["round"] >= self.config.rounds or payload["plateau"]["stopped_at"] is not None:
+                return final
+        return self.run_dir.resolve_checkpoint(ckpt_path)
 
     # -- the round ----------------------------------------------------------------------------------------
 
@@ -337,15 +420,22 @@ class FederatedOrchestrator:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
         }
+        events = [{"client": u.client, **event} for u in updates for event in u.events]
+        if events:
+            record["events"] = events
         if round % self.config.eval_every == 0 or round == self.config.rounds:
             record["eval"] = self._evaluate_all("val")
             record["summary"] = {
                 model: summarize(per_client, self.data.tasks) for model, per_client in record["eval"].items()
             }
+            reference = record["summary"].get("global", record["summary"]["personalized"])
+            losses = {task: values["loss"] for task, values in reference.items()}
+            if self.plateau.update(round, losses):
+                record["stopped"] = "the global validation loss is stable"
         record["seconds"] = round_seconds = time.perf_counter() - started
         self._rank_zero(self.run_dir.append_metrics, record)
         self._log_scalars(record)
-        if round % self.config.checkpoint_every == 0 or round == self.config.rounds:
+        if round % self.config.checkpoint_every == 0 or round == self.config.rounds or "stopped" in record:
             self._save_checkpoint(self.run_dir.round_checkpoint_name(round))
         if progress:
             progress.round_done(self._round_summary(record, round_seconds))
@@ -359,22 +449,55 @@ class FederatedOrchestrator:
         if bad:
             raise FloatingPointError(f"upload has non-finite values in {bad}")
 
+    def models(self) -> dict[str, dict[str, str]]:
+        """The models evaluated per client, by key: their ``label`` and ``description``."""
+        algorithm = self.algorithm
+        models: dict[str, dict[str, str]] = {}
+        if algorithm.has_global_model:
+            models["global"] = {
+                "label": algorithm.global_label,
+                "description": "each client's slice of the global model",
+            }
+            if self.finetuned:
+                models["global+FT"] = {
+                    "label": f"{algorithm.global_label}+FT",
+                    "description": "each client's slice of the final global model, fine-tuned on the client's "
+                    f"training data for {self.config.finetune_steps} steps at lr {self.config.finetune_lr:g} after "
+                    "the last round",
+                }
+        models["personalized"] = {
+            "label": algorithm.personalized_label,
+            "description": algorithm.personalized_description,
+        }
+        models.update(algorithm.variants)
+        return models
+
+    def client_models(self, client: ClientSpec) -> dict[str, ComponentState]:
+        """Every model of ``client`` to evaluate now, by the keys of :meth:`models`."""
+        global_slice = select(self.global_state, self.slices[client.id])
+        states: dict[str, ComponentState] = {}
+        if self.algorithm.has_global_model:
+            states["global"] = global_slice
+            if client.id in self.finetuned:
+                states["global+FT"] = self.finetuned[client.id]
+        personal = self.algorithm.personalized_state(client.id, clone(global_slice))
+        states["personalized"] = global_slice if personal is None else personal
+        states.update(self.algorithm.variant_states(client.id, clone(global_slice)))
+        return states
+
     def _evaluate_all(self, split: str) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-        results: dict[str, dict[str, dict[str, dict[str, float]]]] = {"global": {}}
+        results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self.examples = {}
         for client in self.data.clients:
             if self._progress:
                 self._progress.client_started(client.id, f"evaluating ({split})")
-            global_slice = select(self.global_state, self.slices[client.id])
-            results["global"][str(client.id)] = self.evaluate_client(client, global_slice, split)
-            self._keep_examples("global", client.id)
-            personal = self.algorithm.personalized_state(client.id, clone(global_slice))
-            if personal is not None:
-                results.setdefault("personalized", {})[str(client.id)] = self.evaluate_client(client, personal, split)
-                self._keep_examples("personalized", client.id)
-        if "personalized" not in results:
-            # Without a personal model the personalized model is the global slice: report it as such.
-            results["personalized"] = results["global"]
+            evaluated: dict[int, dict[str, dict[str, float]]] = {}
+            for model, state in self.client_models(client).items():
+                # A model that is another one's very state (FedAvg's personalized = global) is evaluated once.
+                if id(state) not in evaluated:
+                    evaluated[id(state)] = self.evaluate_client(client, state, split)
+                    self._keep_examples(model, client.id)
+                results.setdefault(model, {})[str(client.id)] = evaluated[id(state)]
         return results
 
     def _keep_examples(self, model: str, client: int) -> None:
@@ -387,11 +510,8 @@ class FederatedOrchestrator:
             "algorithm": self.algorithm.label,
             "split": split,
             "round": self.round,
-            "models": {
-                "global": "the final global model's slice of each client",
-                "personalized": f"{self.algorithm.label}'s personalized model of each client "
-                "(the global slice when the algorithm keeps none)",
-            },
+            "stopped_early": self.plateau.stopped_at is not None,
+            "models": self.models(),
             "per_client": evaluation,
             "summary": {model: summarize(per_client, self.data.tasks) for model, per_client in evaluation.items()},
             "examples": self.examples,
@@ -413,8 +533,6 @@ class FederatedOrchestrator:
 
     @rank_zero_only
     def _log_scalars(self, record: dict[str, Any]) -> None:
-        if self._logger is None:
-            self._logger = TensorBoardLogger(save_dir=str(self.run_dir.root), name="", version="tensorboard")
         scalars: dict[str, float] = {
             "comm/bytes_up": record["bytes_up"],
             "comm/bytes_down": record["bytes_down"],
@@ -431,7 +549,20 @@ class FederatedOrchestrator:
             for cid, per_task in per_client.items():
                 for task, values in per_task.items():
                     scalars.update({f"client_{cid}/{model}/{task}/{k}": v for k, v in values.items()})
-        self._logger.log_metrics(scalars, step=record["round"])
+        self._tensorboard(scalars, record["round"])
+
+    @rank_zero_only
+    def _log_post_scalars(self, record: dict[str, Any]) -> None:
+        prefix = f"post_federation/client_{record['client']}"
+        scalars = {f"{prefix}/finetune_loss/{task}": v for task, v in record.get("finetune_loss", {}).items()}
+        scalars.update({f"{prefix}/{key}": v for key, v in _numbers(record["algorithm"]).items()})
+        if scalars:
+            self._tensorboard(scalars, record["round"])
+
+    def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
+        if self._logger is None:
+            self._logger = TensorBoardLogger(save_dir=str(self.run_dir.root), name="", version="tensorboard")
+        self._logger.log_metrics(scalars, step=step)
         self._logger.experiment.flush()
 
     def _write_config(self) -> None:
@@ -458,6 +589,11 @@ class FederatedOrchestrator:
         payload = {
             "round": self.round,
             "finalized": self.finalized,
+            "plateau": self.plateau.state_dict(),
+            "post_federation": {
+                "done": list(self.post_done),
+                "finetuned": {str(c): s for c, s in self.finetuned.items()},
+            },
             "fingerprint": self.fingerprint(),
             "federation": asdict(self.config),
             "algorithm": self.algorithm.state_dict(),
@@ -478,6 +614,10 @@ class FederatedOrchestrator:
         self.global_state = global_state
         self.round = int(payload["round"])
         self.finalized = bool(payload["finalized"])
+        self.plateau.load_state_dict(payload["plateau"])
+        post = payload["post_federation"]
+        self.post_done = [int(c) for c in post["done"]]
+        self.finetuned = {int(c): s for c, s in post["finetuned"].items()}
         self.algorithm.load_state_dict(payload["algorithm"])
         self.client_records = {int(c): dict(r) for c, r in payload["clients"].items()}
         rng = payload["rng"]
@@ -500,3 +640,18 @@ class FederatedOrchestrator:
             else:
                 details.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
         raise RunDirError(f"Checkpoint {path} belongs to a different federation: " + "; ".join(details))
+
+
+def _numbers(values: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested dict as flat ``a/b/c`` scalars (for TensorBoard)."""
+    if isinstance(values, bool):
+        return {}
+    if isinstance(values, int | float):
+        return {prefix: float(values)}
+    if isinstance(values, dict):
+        return {
+            k: v
+            for key, sub in values.items()
+            for k, v in _numbers(sub, f"{prefix}/{key}" if prefix else str(key)).items()
+        }
+    return {}

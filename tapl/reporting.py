@@ -55,7 +55,9 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
     lines = [
         f"# Results: {results['algorithm']} after round {results['round']} ({results['split']} split)",
         "",
-        *(f"- **{model}**: {text}" for model, text in results["models"].items()),
+        "Models (the `model` column; `results.json` keys them by the name in brackets):",
+        "",
+        *(f"- **{info['label']}** (`{key}`): {info['description']}" for key, info in results["models"].items()),
         "",
         f"Metrics are sample-weighted. Lower is better: {', '.join(lower)}."
         + (f" Higher is better: {', '.join(higher)}." if higher else ""),
@@ -67,10 +69,15 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
     def cells(values: Mapping[str, float]) -> str:
         return " | ".join(f"{values[c]:.4f}" if c in values else "-" for c in columns)
 
-    for model, per_client in results["per_client"].items():
-        for client in data.clients:
-            for task, values in per_client.get(str(client.id), {}).items():
-                lines.append(f"| {client.id} | {task} | {model} | {int(values['samples'])} | {cells(values)} |")
+    labels = {key: info["label"] for key, info in results["models"].items()}
+    for client in data.clients:
+        for task in data.tasks:
+            for model, per_client in results["per_client"].items():
+                values = per_client.get(str(client.id), {}).get(task)
+                if values is not None:
+                    lines.append(
+                        f"| {client.id} | {task} | {labels[model]} | {int(values['samples'])} | {cells(values)} |"
+                    )
     lines += [
         "",
         "## Across clients (sample-weighted mean)",
@@ -78,9 +85,12 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
         "| task | model | clients | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
-    for model, per_task in results["summary"].items():
-        for task, values in per_task.items():
-            lines.append(f"| {task} | {model} | {int(values['clients'])} | {cells(values)} |")
+    for task in data.tasks:
+        for model, per_task in results["summary"].items():
+            if task in per_task:
+                lines.append(
+                    f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
+                )
     examples = [
         (model, client, task, example)
         for model, per_client in results.get("examples", {}).items()
@@ -96,5 +106,5 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
             "| client | task | model | prediction | target |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {c} | {t} | {m} | {e['prediction']!r} | {e['target']!r} |" for m, c, t, e in examples]
+        lines += [f"| {c} | {t} | {labels[m]} | {e['prediction']!r} | {e['target']!r} |" for m, c, t, e in examples]
     return "\n".join(lines) + "\n"

@@ -5,9 +5,10 @@ Layout::
     RUN_DIR/
       config.yaml              resolved configuration (re-runnable with --config)
       metrics.jsonl            one JSON object per round
+      post_federation.jsonl    one JSON object per client of the post-federation stage
       tensorboard/             TensorBoard events
       checkpoints/round-000004/ server.safetensors (global components) + state.pt (everything else)
-      checkpoints/final/       the same after the post-federation stage
+      checkpoints/final/       the same during (after each client) and after the post-federation stage
       results.json, results.md per-client, per-task results of the final evaluation
 
 Checkpoints are written to a temporary directory and renamed into place, so a kill never leaves a partial
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ from safetensors.torch import load_file, save_file
 from tapl.components import ComponentState, flatten, unflatten
 
 CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+#: One record per client of the post-federation stage (fine-tuning, distillation).
+POST_FEDERATION_METRICS = "post_federation.jsonl"
 FINAL = "final"
 _ROUND_DIR = re.compile(r"round-(\d{6})")
 
@@ -51,7 +56,7 @@ class RunDirectory:
     @property
     def metrics_path(self) -> Path:
         """``metrics.jsonl``: one JSON object per round."""
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS
 
     @property
     def checkpoints(self) -> Path:
@@ -109,22 +114,24 @@ class RunDirectory:
         """Write ``data`` as indented JSON atomically."""
         return self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one round's record to ``metrics.jsonl``."""
+    def append_metrics(self, record: dict[str, Any], name: str = METRICS) -> None:
+        """Append one record to a JSON-lines file (``metrics.jsonl``: one record per round)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as f:
+        with (self.root / name).open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """Every record of ``metrics.jsonl``."""
-        if not self.metrics_path.exists():
+    def read_metrics(self, name: str = METRICS) -> list[dict[str, Any]]:
+        """Every record of a JSON-lines file (``metrics.jsonl`` by default)."""
+        path = self.root / name
+        if not path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop records after ``last_round`` (rounds a killed run logged after its last checkpoint)."""
-        kept = [r for r in self.read_metrics() if r["round"] <= last_round]
-        self.write_text("metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    def truncate_metrics(self, keep: Callable[[dict[str, Any]], bool], name: str = METRICS) -> None:
+        """Keep only the records ``keep`` accepts (e.g. drop what a killed run logged after its checkpoint)."""
+        if (self.root / name).exists():
+            kept = [r for r in self.read_metrics(name) if keep(r)]
+            self.write_text(name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def save_checkpoint(self, name: str, global_state: ComponentState, payload: dict[str, Any]) -> Path:
         """Write a checkpoint atomically: global tensors to safetensors, everything else to ``state.pt``."""

@@ -23,6 +23,14 @@ from torchmetrics.text import Perplexity
 from tapl.heads import ImageDecoder, ParallelTextDecoder, mlp
 
 
+def softened_kl(outputs: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(outputs/T))`` over the last dimension, one value per row."""
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_p_student = F.log_softmax(outputs.float() / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return kl * temperature**2
+
+
 @dataclass(frozen=True)
 class HeadContext:
     """What the model offers a task type when it builds a head or collates targets.
@@ -94,6 +102,14 @@ class TaskType(ABC):
         """Human-readable predictions next to their targets, for inspection (none by default)."""
         return []
 
+    def distillation_loss(self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        """How far ``outputs`` are from a teacher's ``teacher`` outputs on the same batch.
+
+        The default treats the last dimension as logits: ``T^2 * KL(softmax(teacher/T) || softmax(outputs/T))``
+        averaged over samples. Override for outputs that are not distributions (e.g. images).
+        """
+        return softened_kl(outputs, teacher, temperature).mean()
+
 
 class Classification(TaskType):
     """Single-label classification over ``task.num_classes`` classes: cross-entropy, accuracy, macro-F1."""
@@ -151,6 +167,10 @@ class ImageGeneration(TaskType):
     def metrics(self, task: Task) -> MetricCollection:
         return MetricCollection({"mse": MeanSquaredError()})
 
+    def distillation_loss(self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        """Pixels are not a distribution: the mean squared difference to the teacher's image."""
+        return F.mse_loss(outputs.float(), teacher.float())
+
     def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         return context.preprocessors["image"](targets)["pixel_values"]
 
@@ -186,6 +206,11 @@ class TextGeneration(TaskType):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten(), ignore_index=self.ignore_index)
+
+    def distillation_loss(self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
+        """The softened KL of every position's token distribution, averaged over target tokens (no padding)."""
+        real = targets != self.ignore_index
+        return softened_kl(outputs, teacher, temperature)[real].sum() / real.sum().clamp_min(1)
 
     def metrics(self, task: Task) -> MetricCollection:
         return MetricCollection(

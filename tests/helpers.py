@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from tapl.models import FoundationModel
 
 WORDS = ["good", "great", "fine", "love", "bad", "awful", "poor", "hate", "the", "a", "movie", "day", "food"]
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
@@ -40,6 +44,18 @@ def make_tiny_bert(directory: Path) -> Path:
     )
     BertModel(config).save_pretrained(directory)
     return directory
+
+
+def make_text_image_model(bert: Path, tasks: list) -> FoundationModel:
+    """A FoundationModel over the tiny BERT with a text and an image encoder (LoRA r=2, no dropout)."""
+    from tapl.models import FoundationModel, LoraSettings, PatchImageEncoder, TextEncoder
+
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0)
+    encoders = {
+        "text": TextEncoder(str(bert), max_length=16, lora=lora),
+        "image": PatchImageEncoder(str(bert), image_size=8, patch_size=4, channels=1, lora=lora),
+    }
+    return FoundationModel(encoders, tasks)
 
 
 def make_text_parquet(path: Path, rows: int = 240, seed: int = 0) -> Path:
@@ -132,6 +148,7 @@ def tiny_config(assets: dict[str, Path], run_dir: Path, **federation: object) ->
             "local_steps": 2,
             "seed": 0,
             "progress": False,
+            "finetune_steps": 2,
             **federation,
         },
         "trainer": {"accelerator": "cpu", "devices": 1},

@@ -125,10 +125,23 @@ def test_federation_flags_reach_the_orchestrator(config_path: Path) -> None:
         "41",
         "--federation.eval_every",
         "2",
+        "--federation.finetune_lr",
+        "0.01",
+        "--federation.plateau_window",
+        "3",
     )
     assert orchestrator.config == FederationConfig(
-        rounds=7, clients_per_round=3, local_steps=2, seed=41, eval_every=2, progress=False
+        rounds=7,
+        clients_per_round=3,
+        local_steps=2,
+        seed=41,
+        eval_every=2,
+        progress=False,
+        finetune_steps=2,
+        finetune_lr=0.01,
+        plateau_window=3,
     )
+    assert orchestrator.plateau.window == 3
     assert all(len(orchestrator.sample_clients(r)) == 3 for r in range(1, 6))
     fraction = build("--config", str(config_path), "--federation.clients_per_round", "0.25").config
     assert fraction.clients_per_round == 0.25 and isinstance(fraction.clients_per_round, float)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_text_image_model
 from torch.utils.data import DataLoader
 
 from tapl.client import ClientModule
 from tapl.datamodules.collate import MultiTaskCollator, TaskBatch
-from tapl.models import FoundationModel, LoraSettings, PatchImageEncoder, TextEncoder
+from tapl.models import FoundationModel
 from tapl.tasks import Task
 from tapl.visit_trainer import VisitTrainers
 
@@ -24,12 +25,7 @@ TEXTS = ["good movie", "the food a awful day", "hate", "a great great day", "poo
 @pytest.fixture(scope="module")
 def model(assets: dict[str, Path]) -> FoundationModel:
     torch.manual_seed(0)
-    lora = LoraSettings(r=2, alpha=4, dropout=0.0)
-    encoders = {
-        "text": TextEncoder(str(assets["bert"]), max_length=16, lora=lora),
-        "image": PatchImageEncoder(str(assets["bert"]), image_size=8, patch_size=4, channels=1, lora=lora),
-    }
-    built = FoundationModel(encoders, TASKS)
+    built = make_text_image_model(assets["bert"], TASKS)
     # Non-zero LoRA updates and heads, so every component shapes the outputs.
     generator = torch.Generator().manual_seed(1)
     built.load_state(

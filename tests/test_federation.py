@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tapl.algorithms import FedAvg
 from tapl.cli import TaplCLI, main
-from tapl.components import ComponentState, num_bytes, select
+from tapl.components import ComponentState, clone, num_bytes, select
 from tapl.context import ClientContext, ClientUpdate
 from tapl.federation import FederatedOrchestrator
 
@@ -273,6 +273,22 @@ def test_sampling_fraction_versus_count(assets: dict[str, Path], tmp_path: Path)
     assert all(everyone.sample_clients(r) == [0, 1, 2, 3] for r in range(1, 11))
     one = build_orchestrator(config, "--federation.clients_per_round", "1")
     assert all(len(one.sample_clients(r)) == 1 for r in range(1, 11))
+
+
+def test_a_fit_trains_only_the_trainable_components_and_returns_all(assets: dict[str, Path], tmp_path: Path) -> None:
+    orchestrator = build_orchestrator(write_config(assets, tmp_path / "run"))
+    orchestrator.data.setup()
+    client = orchestrator.client(2)  # sentiment + shapes
+    start = clone(select(orchestrator.global_state, orchestrator.slices[2]))
+    heads = ["head[sentiment]", "head[shapes]"]
+    ctx = ClientContext(orchestrator, client, 1, start)
+    result = ctx.fit(start, trainable=heads)
+    assert sorted(result.state) == sorted(start)
+    for component, tensors in start.items():
+        changed = any(not torch.equal(t, result.state[component][k]) for k, t in tensors.items())
+        assert changed == (component in heads), component
+    with pytest.raises(ValueError, match=r"head\[digits\]"):
+        ctx.fit(start, trainable=["head[digits]"])
 
 
 def test_too_many_clients_per_round_is_a_clear_error(

@@ -49,6 +49,16 @@ def test_the_config_parses_with_30_clients_in_3_groups(
     assert printed["optimizer"]["init_args"]["lr"] == {"flava": 3e-4, "vilt": 4e-4}[backbone]
     assert printed["federation"]["local_steps"] == {"flava": 20, "vilt": 30}[backbone]
     assert printed["federation"]["rounds"] == 200 and printed["federation"]["clients_per_round"] == 2
+    assert printed["federation"]["finetune_steps"] == 50 and printed["federation"]["finetune_lr"] == 1e-4
+    # TAP with the paper's margins of the backbone: (image classification, text generation) / (image
+    # generation, text classification).
+    algorithm = printed["algorithm"]
+    assert algorithm["class_path"] == "tapl.algorithms.TAP"
+    high, low = {"flava": (0.01, 0.005), "vilt": (0.02, 0.01)}[backbone]
+    margins = algorithm["init_args"]["margins"]
+    assert (margins["image,classification"], margins["text_generation"]) == (high, high)
+    assert (margins["image_generation"], margins["text,classification"]) == (low, low)
+    assert algorithm["init_args"]["distill_weights"] == {"text,classification": 1.0, "default": 2e-3}
 
 
 def _image(rng: np.random.Generator, mode: str) -> object:

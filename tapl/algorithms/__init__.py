@@ -2,5 +2,6 @@
 
 from tapl.algorithms.base import Algorithm
 from tapl.algorithms.fedavg import FedAvg
+from tapl.algorithms.tap import TAP
 
-__all__ = ["Algorithm", "FedAvg"]
+__all__ = ["TAP", "Algorithm", "FedAvg"]

@@ -51,9 +51,9 @@ class RoundProgress:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self._progress.stop()
 
-    def start_round(self, round: int, clients: int) -> None:
-        """Show a new round with ``clients`` visits to come."""
-        self._progress.update(self._rounds, description=f"round {round}")
+    def start_round(self, round: int, clients: int, stage: str = "round") -> None:
+        """Show a new round (or the post-federation ``stage`` after it) with ``clients`` visits to come."""
+        self._progress.update(self._rounds, description=f"{stage} {round}" if stage == "round" else stage)
         self._progress.reset(self._clients, total=clients, visible=True, status="")
 
     def client_started(self, client: int, what: str = "training") -> None:

@@ -64,6 +64,11 @@ class FoundationModel(nn.Module):
             experts = sorted({expert_key(t.modalities, t.type) for t in self.tasks.values()})
             fusion.build(experts, {m: e.hidden_size for m, e in self.encoders.items()})
         self._parameters_by_component = self._collect_components()
+        # component -> parameter key -> the parameter's name in this module (for functional calls)
+        full_names = {id(p): name for name, p in self.named_parameters(remove_duplicate=False)}
+        self._full_names = {
+            c: {k: full_names[id(p)] for k, p in params.items()} for c, params in self._parameters_by_component.items()
+        }
         self.set_trainable(self.component_names())
 
     def _add_task(self, task: Task) -> None:
@@ -154,6 +159,19 @@ class FoundationModel(nn.Module):
     def parameters_of(self, components: Iterable[str]) -> list[nn.Parameter]:
         """The trainable parameters of ``components``."""
         return [p for c in components for p in self._parameters_by_component[c].values()]
+
+    def forward_with(
+        self, state: Mapping[str, Mapping[str, Tensor]], task: str, inputs: Mapping[str, dict[str, Tensor]]
+    ) -> Tensor:
+        """:meth:`forward` with the tensors of ``state`` in place of the loaded ones, which stay untouched.
+
+        Used to run a second model (e.g. a distillation teacher) through the one shared backbone without
+        copying tensors in and out. ``state`` must be on the model's device.
+        """
+        self._check_known(state)
+        check_state(state, self.component_shapes(state), "state of forward_with()")
+        substitutes = {self._full_names[c][k]: tensor for c, tensors in state.items() for k, tensor in tensors.items()}
+        return torch.func.functional_call(self, substitutes, (task, inputs))
 
     def set_trainable(self, components: Iterable[str]) -> None:
         """Let gradients flow into ``components`` only; every other component is frozen."""

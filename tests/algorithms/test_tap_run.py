@@ -1,0 +1,212 @@
+"""End-to-end tests of TAP on the tiny federation: both stages, reported models, plots, ablations, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_config
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tapl.algorithms import TAP
+from tapl.cli import main
+from tapl.context import ClientContext
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
+ROUNDS = 4
+SETTINGS = {"rounds": ROUNDS, "eval_every": 2, "finetune_steps": 3}
+
+
+def run(run_dir: Path, assets: dict[str, Path], *args: str, **federation: Any) -> Path:
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(tiny_config(assets, run_dir, **{**SETTINGS, **federation})))
+    main(["fit", "--config", str(config), *args])
+    return run_dir
+
+
+def records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+    lines = (run_dir / name).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines if line.strip()]
+
+
+def results(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def algorithm_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / "state.pt", weights_only=True)["algorithm"]
+
+
+def same_tensors(a: Any, b: Any) -> bool:
+    """Nested dicts/lists of tensors and numbers are exactly equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    for name in ("round-000004", "final"):
+        want = load_file(expected / "checkpoints" / name / "server.safetensors")
+        got = load_file(actual / "checkpoints" / name / "server.safetensors")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+        assert same_tensors(
+            algorithm_state(expected / "checkpoints" / name), algorithm_state(actual / "checkpoints" / name)
+        )
+    assert records(actual) == records(expected)
+    assert records(actual, "post_federation.jsonl") == records(expected, "post_federation.jsonl")
+    assert results(actual) == results(expected)
+
+
+@pytest.fixture(scope="module")
+def tap_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run(tmp_path_factory.mktemp("tap") / "run", assets, "--algorithm", "TAP")
+
+
+@pytest.fixture(scope="module")
+def fedavg_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run(tmp_path_factory.mktemp("fedavg") / "run", assets)
+
+
+def test_results_report_fedavg_fedavg_ft_tap_and_tap_without_distillation(tap_run: Path) -> None:
+    final = results(tap_run)
+    labels = {key: info["label"] for key, info in final["models"].items()}
+    assert labels == {
+        "global": "FedAvg",
+        "global+FT": "FedAvg+FT",
+        "personalized": "TAP",
+        "no_distillation": "TAP w/o distillation",
+    }
+    for model in labels:
+        assert {client: set(tasks) for client, tasks in final["per_client"][model].items()} == {
+            "0": {"sentiment"},
+            "1": {"shapes"},
+            "2": {"sentiment", "shapes"},
+            "3": {"sentiment", "shapes"},
+        }
+    table = (tap_run / "results.md").read_text()
+    for label in labels.values():
+        assert f"| 2 | shapes | {label} |" in table
+
+
+def test_tap_trains_exactly_fedavgs_global_model(tap_run: Path, fedavg_run: Path) -> None:
+    # Stage 1 uploads the trained global slices only, so the server model is FedAvg's, tensor for tensor.
+    for name in ("round-000002", "round-000004"):
+        tap = load_file(tap_run / "checkpoints" / name / "server.safetensors")
+        fedavg = load_file(fedavg_run / "checkpoints" / name / "server.safetensors")
+        assert all(torch.equal(tap[k], fedavg[k]) for k in fedavg)
+    tap, fedavg = results(tap_run), results(fedavg_run)
+    for model in ("global", "global+FT"):
+        assert tap["per_client"][model] == fedavg["per_client"][model]
+    # ... while its personalized model is its own.
+    assert tap["per_client"]["personalized"] != tap["per_client"]["global"]
+
+
+def test_every_replacement_is_logged_and_plotted(tap_run: Path) -> None:
+    logged = [(r["round"], e) for r in records(tap_run) for e in r.get("events", [])]
+    assert logged, "the first visit of a client always replaces"
+    firsts: dict[tuple[int, str], int] = {}
+    for round, event in logged:
+        assert event["event"] == "replacement" and event["round"] == round
+        assert event["task"] in {"sentiment", "shapes"}
+        assert f"head[{event['task']}]" in event["components"]
+        firsts.setdefault((event["client"], event["task"]), round)
+    visited = {c for r in records(tap_run) for c in r["sampled_clients"]}
+    tasks = {0: ["sentiment"], 1: ["shapes"], 2: ["sentiment", "shapes"], 3: ["sentiment", "shapes"]}
+    assert {(c, t) for c in visited for t in tasks[c]} <= set(firsts)
+
+    png = (tap_run / "replacements.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    scalars = EventAccumulator(str(tap_run / "tensorboard")).Reload().Tags()["scalars"]
+    assert "algorithm/replacements/text,classification" in scalars
+    counts = [r["algorithm"]["replacements/text,classification"] for r in records(tap_run)]
+    assert counts == sorted(counts) and counts[-1] == sum(1 for _, e in logged if e["task"] == "sentiment")
+
+
+def test_stage_two_logs_teacher_and_student_metrics_per_client(tap_run: Path) -> None:
+    post = records(tap_run, "post_federation.jsonl")
+    assert [r["client"] for r in post] == [0, 1, 2, 3]
+    for record in post:
+        assert record["round"] == ROUNDS
+        val = record["algorithm"]["val"]
+        assert set(val) == {"teacher", "student", "no_distillation"}
+        assert set(record["finetune_loss"]) == set(val["teacher"])
+    assert post[2]["algorithm"]["distill_weights"] == {"sentiment": 1.0, "shapes": 2e-3}
+
+
+def test_without_distillation_weights_the_student_is_the_no_distillation_model(
+    assets: dict[str, Path], tmp_path: Path, tap_run: Path
+) -> None:
+    run_dir = run(tmp_path / "run", assets, "--algorithm", "TAP", "--algorithm.distill_weights", '{"default": 0.0}')
+    state = algorithm_state(run_dir / "checkpoints" / "final")
+    assert same_tensors(state["personal"], state["undistilled"])
+    # With the default weights distillation changes the personal model (same data order, same steps).
+    state = algorithm_state(tap_run / "checkpoints" / "final")
+    assert not same_tensors(state["personal"], state["undistilled"])
+
+
+def test_never_replace_ablation_reports_under_its_own_name(assets: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = run(tmp_path / "run", assets, "--algorithm", "TAP", "--algorithm.replacement", "never", rounds=2)
+    assert not any(r.get("events") for r in records(run_dir))
+    final = results(run_dir)
+    assert final["algorithm"] == "TAP (never replace)"
+    assert final["models"]["personalized"]["label"] == "TAP (never replace)"
+
+
+def test_resume_mid_stage_one_equals_the_uninterrupted_run(
+    assets: dict[str, Path], tmp_path: Path, tap_run: Path
+) -> None:
+    # A run killed during round 3: checkpoints up to round 2, metrics of round 3 half-written.
+    run_dir = tmp_path / "run"
+    shutil.copytree(tap_run, run_dir)
+    for name in ("round-000003", "round-000004", "final"):
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    for name in ("results.json", "results.md", "replacements.png", "post_federation.jsonl"):
+        (run_dir / name).unlink()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+
+    run(run_dir, assets, "--algorithm", "TAP", "--ckpt_path", "last")
+    assert_same_run(tap_run, run_dir)
+
+
+def test_resume_mid_stage_two_equals_the_uninterrupted_run(
+    assets: dict[str, Path], tmp_path: Path, tap_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = TAP.finalize_client
+
+    def killed_at_client_2(self: TAP, ctx: ClientContext) -> dict[str, Any]:
+        if ctx.client.id == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, ctx)
+
+    monkeypatch.setattr(TAP, "finalize_client", killed_at_client_2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(run_dir, assets, "--algorithm", "TAP")
+    assert [r["client"] for r in records(run_dir, "post_federation.jsonl")] == [0, 1]
+    partial = torch.load(run_dir / "checkpoints" / "final" / "state.pt", weights_only=True)
+    assert partial["post_federation"]["done"] == [0, 1] and not partial["finalized"]
+
+    monkeypatch.setattr(TAP, "finalize_client", original)
+    run(run_dir, assets, "--algorithm", "TAP", "--ckpt_path", "last")
+    assert_same_run(tap_run, run_dir)
+
+
+def test_tapl_test_reevaluates_every_reported_model(tap_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(tap_run, run_dir)
+    (run_dir / "results.json").unlink()
+    main(["test", "--config", str(tap_run.parent / "run.yaml"), "--run_dir", str(run_dir), "--algorithm", "TAP"])
+    assert results(run_dir) == results(tap_run)

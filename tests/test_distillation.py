@@ -1,0 +1,182 @@
+"""Tests for knowledge distillation: each task type's distillation loss and DistillationModule's objective."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_text_image_model
+
+from tapl.components import ComponentState
+from tapl.datamodules.collate import MultiTaskCollator
+from tapl.distillation import DistillationModule
+from tapl.models import FoundationModel
+from tapl.tasks import Task, TaskType
+
+TASKS = [
+    Task(name="sentiment", type="classification", modalities=("text",), num_classes=3, head_hidden=16),
+    Task(name="shapes", type="classification", modalities=("image",), num_classes=2, head_hidden=16),
+]
+
+
+def _softmax(row: list[float], temperature: float) -> list[float]:
+    exps = [math.exp(v / temperature) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _kl_by_hand(student: list[float], teacher: list[float], temperature: float) -> float:
+    """T^2 * sum_i p_teacher_i * log(p_teacher_i / p_student_i), with explicit sums."""
+    p_t, p_s = _softmax(teacher, temperature), _softmax(student, temperature)
+    return temperature**2 * sum(t * math.log(t / s) for t, s in zip(p_t, p_s, strict=True))
+
+
+STUDENT = [[1.0, -0.5, 2.0], [0.3, 0.1, -1.2]]
+TEACHER = [[0.5, 0.5, 1.0], [2.0, -1.0, 0.0]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_classification_distillation_is_the_softened_kl_by_hand(temperature: float) -> None:
+    loss = TaskType.get("classification").distillation_loss(
+        torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor([0, 1]), temperature
+    )
+    expected = sum(_kl_by_hand(s, t, temperature) for s, t in zip(STUDENT, TEACHER, strict=True)) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself() -> None:
+    logits = torch.tensor(STUDENT)
+    assert float(TaskType.get("classification").distillation_loss(logits, logits, torch.tensor([0, 1]), 2.0)) == (
+        pytest.approx(0.0, abs=1e-7)
+    )
+
+
+def test_text_generation_distillation_averages_over_target_tokens_only() -> None:
+    text = TaskType.get("text_generation")
+    # Two samples, three positions, a vocabulary of three; the second sample's last two positions are padding.
+    student = torch.tensor([STUDENT[0], STUDENT[1], [9.0, 0.0, 0.0], STUDENT[1], [5.0, 5.0, 0.0], [0.0, 7.0, 1.0]])
+    teacher = torch.tensor([TEACHER[0], TEACHER[1], [0.0, 0.0, 9.0], TEACHER[0], [0.0, 0.0, 3.0], [4.0, 0.0, 0.0]])
+    targets = torch.tensor([[2, 0, 1], [1, text.ignore_index, text.ignore_index]])
+    loss = text.distillation_loss(student.view(2, 3, 3), teacher.view(2, 3, 3), targets, 1.5)
+    real = [
+        (STUDENT[0], TEACHER[0]),
+        (STUDENT[1], TEACHER[1]),
+        ([9.0, 0.0, 0.0], [0.0, 0.0, 9.0]),
+        (STUDENT[1], TEACHER[0]),
+    ]
+    expected = sum(_kl_by_hand(s, t, 1.5) for s, t in real) / len(real)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_image_generation_distillation_is_the_mse_to_the_teacher_image() -> None:
+    student = torch.tensor([[[0.1, 0.5], [0.9, 0.0]]])
+    teacher = torch.tensor([[[0.3, 0.5], [0.4, 1.0]]])
+    targets = torch.zeros_like(student)  # the targets play no part: only the teacher's image does
+    loss = TaskType.get("image_generation").distillation_loss(student, teacher, targets, 3.0)
+    expected = (0.2**2 + 0.0 + 0.5**2 + 1.0**2) / 4
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+# -- the module -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(assets: dict[str, Path]) -> FoundationModel:
+    torch.manual_seed(0)
+    return make_text_image_model(assets["bert"], TASKS)
+
+
+def _random_state(model: FoundationModel, seed: int) -> ComponentState:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        c: {k: 0.3 * torch.randn(s, generator=generator) for k, s in p.items()}
+        for c, p in model.component_shapes().items()
+    }
+
+
+def _batch(model: FoundationModel) -> dict:
+    collate = MultiTaskCollator({t.name: t for t in TASKS}, model.preprocessors)
+    texts = ["good movie", "awful day", "fine", "a great great day", "poor food"]
+    samples = [{"task": "sentiment", "inputs": {"text": t}, "target": i % 3} for i, t in enumerate(texts)]
+    pixels = torch.Generator().manual_seed(3)
+    samples += [
+        {"task": "shapes", "inputs": {"image": torch.rand(64, generator=pixels).tolist()}, "target": i % 2}
+        for i in range(3)
+    ]
+    return collate(samples)
+
+
+def test_module_objective_is_task_loss_plus_weighted_distillation_per_task(model: FoundationModel) -> None:
+    model.eval()  # no dropout, so outputs are reproducible by hand
+    student, teacher = _random_state(model, 1), _random_state(model, 2)
+    batch = _batch(model)
+    weights = {"sentiment": 1.0, "shapes": 2e-3}
+    temperature = 2.0
+
+    expected = torch.zeros(())
+    logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for state, which in ((teacher, 0), (student, 1)):
+            model.load_state(state)
+            for task, part in batch.items():
+                logits.setdefault(task, [None, None])[which] = model(task, part["inputs"])
+    for task, part in batch.items():
+        teacher_logits, student_logits = logits[task]
+        targets = part["targets"]
+        ce = -torch.log_softmax(student_logits, -1)[torch.arange(len(targets)), targets].mean()
+        kl = sum(
+            _kl_by_hand(s.tolist(), t.tolist(), temperature)
+            for s, t in zip(student_logits, teacher_logits, strict=True)
+        ) / len(targets)
+        expected = expected + (ce + weights[task] * kl) * len(targets) / 8
+
+    # The student is loaded; the teacher only enters through forward_with.
+    module = DistillationModule(
+        model,
+        TASKS,
+        model.component_names(),
+        torch.optim.SGD,
+        teacher=teacher,
+        weights=weights,
+        temperature=temperature,
+    )
+    loss = module.training_step(batch, 0)
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    # The recorded training loss is the plain task loss, and the student's tensors were not touched.
+    for task, part in batch.items():
+        targets = part["targets"]
+        ce = -torch.log_softmax(logits[task][1], -1)[torch.arange(len(targets)), targets].mean()
+        assert module.train_loss()[task] == pytest.approx(float(ce), rel=1e-5)
+    current = model.get_state()
+    assert all(torch.equal(current[c][k], student[c][k]) for c in student for k in student[c])
+
+
+def test_zero_weight_skips_the_teacher(model: FoundationModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.eval()
+    model.load_state(_random_state(model, 1))
+    calls: list[str] = []
+    original = FoundationModel.forward_with
+
+    def counting(self: FoundationModel, state: ComponentState, task: str, inputs: dict) -> torch.Tensor:
+        calls.append(task)
+        return original(self, state, task, inputs)
+
+    monkeypatch.setattr(FoundationModel, "forward_with", counting)
+    module = DistillationModule(
+        model,
+        TASKS,
+        model.component_names(),
+        torch.optim.SGD,
+        teacher=_random_state(model, 2),
+        weights={"sentiment": 0.0, "shapes": 0.5},
+    )
+    module.training_step(_batch(model), 0)
+    assert calls == ["shapes"]
+
+
+def test_teacher_must_cover_the_student_slice(model: FoundationModel) -> None:
+    teacher = _random_state(model, 2)
+    teacher.pop("head[shapes]")
+    with pytest.raises(ValueError, match=r"head\[shapes\]"):
+        DistillationModule(model, TASKS, model.component_names(), torch.optim.SGD, teacher=teacher, weights={})
