@@ -1,8 +1,9 @@
 """The ``tapl`` command: a ``LightningCLI`` whose subcommands run a federation instead of one ``Trainer``.
 
 ``tapl fit --config experiments/demo.yaml`` runs a federation; ``tapl test ... --ckpt_path last`` evaluates
-a checkpointed one. Every class is configurable from YAML or flags: ``--model`` (encoders),
-``--data`` (tasks, clients, partitioner), ``--algorithm`` (a built-in short name or any class path),
+a checkpointed one; ``tapl compare ... --algorithms FedAvg,TAP --seeds 0,1`` runs several and compares
+them. Every class is configurable from YAML or flags: ``--model`` (encoders), ``--data`` (tasks, clients,
+partitioner), ``--algorithm`` (a built-in short name or any class path),
 ``--federation`` (rounds, sampling, seed, evaluation), ``--optimizer``, ``--trainer`` (as in Lightning,
 applied to every client visit) and ``--run_dir``.
 """
@@ -20,6 +21,7 @@ from rich.logging import RichHandler
 from typing_extensions import override
 
 from tapl.algorithms import Algorithm, FedAvg
+from tapl.compare import compare
 from tapl.components import ComponentMismatchError
 from tapl.datamodules.federated import FederatedDataModule
 from tapl.federation import FederatedOrchestrator, FederationConfig, FederationError
@@ -130,10 +132,14 @@ def _configure_logging() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``tapl`` command."""
+    """Entry point of the ``tapl`` command (``fit``, ``test``, and ``compare``: see :mod:`tapl.compare`)."""
     _configure_logging()
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        TaplCLI(args=args)
+        if argv[:1] == ["compare"]:
+            compare(argv[1:], fit=lambda fit_args: TaplCLI(args=fit_args))
+        else:
+            TaplCLI(args=argv)
     except (RunDirError, FederationError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"tapl: error: {error}\n")
         raise SystemExit(1) from None

@@ -128,7 +128,7 @@ class ClientModule(LightningModule):
             targets = part["targets"]
             self.eval_loss[name].update(task.task_type.loss(outputs, targets), weight=len(targets))
             self.eval_samples[name].update(len(targets))
-            task.task_type.update_metrics(self.eval_metrics[name], outputs, targets)
+            task.task_type.update_metrics(self.eval_metrics[name], outputs, targets, self.model.head_context)
             shown = self._examples.setdefault(name, [])
             if len(shown) < EXAMPLES_PER_TASK:
                 examples = task.task_type.examples(outputs, targets, self.model.head_context)

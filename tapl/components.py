@@ -108,6 +108,13 @@ def non_finite_components(state: Mapping[str, Mapping[str, Tensor]]) -> list[str
     return sorted(c for c, params in state.items() if any(not torch.isfinite(t).all() for t in params.values()))
 
 
+def check_finite(state: Mapping[str, Mapping[str, Tensor]], what: str) -> None:
+    """Raise ``FloatingPointError`` naming ``what`` and its components that hold a NaN or infinite value."""
+    bad = non_finite_components(state)
+    if bad:
+        raise FloatingPointError(f"{what} has non-finite values in {bad}")
+
+
 def weighted_average(
     base: Mapping[str, Mapping[str, Tensor]],
     states: Sequence[Mapping[str, Mapping[str, Tensor]]],

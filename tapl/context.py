@@ -51,9 +51,10 @@ class ClientUpdate:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
-#: The two stages a visit can belong to: a federated round, or the post-federation stage after the last one.
-Stage = Literal["federation", "post-federation"]
-_STAGE_KEYS: dict[str, int] = {"federation": 0, "post-federation": 1}
+#: What a visit belongs to: a federated round, the post-federation stage after the last round, or an
+#: evaluation (e.g. Per-FedAvg adapting the global slice before its personalized model is scored).
+Stage = Literal["federation", "post-federation", "evaluation"]
+_STAGE_KEYS: dict[str, int] = {"federation": 0, "post-federation": 1, "evaluation": 2}
 
 
 class ClientContext:
@@ -64,7 +65,8 @@ class ClientContext:
         round: The round number (from 1); in the post-federation stage, the last round.
         global_state: The client's slice of the current global model (a private copy).
         components: The components of the client's slice.
-        stage: ``"federation"`` for a visit in a round, ``"post-federation"`` after the last round.
+        stage: ``"federation"`` for a visit in a round, ``"post-federation"`` after the last round,
+            ``"evaluation"`` for work done while models are evaluated (see ``FederatedOrchestrator.client_context``).
         finetuned: In the post-federation stage, the client's global slice after the engine's fine-tuning
             (``federation.finetune_steps``; the "+FT" model); ``None`` otherwise or when disabled.
     """

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -32,19 +33,19 @@ from tapl.client import ClientModule, LossFn, OptimizerFactory
 from tapl.components import (
     ComponentMismatchError,
     ComponentState,
+    check_finite,
     check_state,
     clone,
-    non_finite_components,
     num_bytes,
     select,
     shapes_of,
 )
-from tapl.context import ClientContext, ClientUpdate, FitResult
+from tapl.context import ClientContext, ClientUpdate, FitResult, Stage
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.federated import ClientSpec, FederatedDataModule
 from tapl.models.foundation import FoundationModel
 from tapl.plateau import Plateau
-from tapl.reporting import results_table, summarize
+from tapl.reporting import results_table, summarize, summarize_distribution
 from tapl.run_dir import FINAL, POST_FEDERATION_METRICS, RunDirectory, RunDirError
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
@@ -240,6 +241,7 @@ class FederatedOrchestrator:
             if not self.finalized:
                 self._post_federation()
             results = self._final_results("test")
+            self._log_hparams(results)
             progress.print(
                 f"done: {self.round} rounds in {time.perf_counter() - started:.1f} s; "
                 f"results in {self.run_dir.root / 'results.md'}"
@@ -271,6 +273,13 @@ class FederatedOrchestrator:
     def client(self, client: int) -> ClientSpec:
         """The client with id ``client``."""
         return self.data.clients[client]
+
+    def client_context(self, client: int, stage: Stage = "evaluation") -> ClientContext:
+        """A context for local work on ``client`` outside a round's visit, e.g. adapting the global slice in
+        :meth:`Algorithm.personalized_state`; its fits draw their randomness from ``(seed, stage, round,
+        client, stream)`` like a visit's."""
+        global_slice = clone(select(self.global_state, self.slices[client]))
+        return ClientContext(self, self.client(client), self.round, global_slice, stage=stage)
 
     def fit_client(
         self,
@@ -428,6 +437,13 @@ class FederatedOrchestrator:
             record["summary"] = {
                 model: summarize(per_client, self.data.tasks) for model, per_client in record["eval"].items()
             }
+            record["summary_task_type"] = {
+                model: {
+                    group: {metric: d["weighted_mean"] for metric, d in per_metric.items()}
+                    for group, per_metric in summarize_distribution(per_client, self.data.tasks, "task_type").items()
+                }
+                for model, per_client in record["eval"].items()
+            }
             reference = record["summary"].get("global", record["summary"]["personalized"])
             losses = {task: values["loss"] for task, values in reference.items()}
             if self.plateau.update(round, losses):
@@ -445,9 +461,7 @@ class FederatedOrchestrator:
         if outside:
             raise ComponentMismatchError(f"client {client.id} uploaded components outside its slice: {outside}")
         check_state(update.state, self.model.component_shapes(update.state), f"upload of client {client.id}")
-        bad = non_finite_components(update.state)
-        if bad:
-            raise FloatingPointError(f"upload has non-finite values in {bad}")
+        check_finite(update.state, "upload")
 
     def models(self) -> dict[str, dict[str, str]]:
         """The models evaluated per client, by key: their ``label`` and ``description``."""
@@ -511,9 +525,25 @@ class FederatedOrchestrator:
             "split": split,
             "round": self.round,
             "stopped_early": self.plateau.stopped_at is not None,
+            "tasks": {
+                name: {
+                    "type": task.type,
+                    "pair": task.pair,
+                    "primary_metric": task.task_type.primary_metric,
+                    "higher_is_better": {"loss": False, **task.task_type.higher_is_better},
+                }
+                for name, task in self.data.tasks.items()
+            },
             "models": self.models(),
             "per_client": evaluation,
             "summary": {model: summarize(per_client, self.data.tasks) for model, per_client in evaluation.items()},
+            "distribution": {
+                by: {
+                    model: summarize_distribution(per_client, self.data.tasks, by)
+                    for model, per_client in evaluation.items()
+                }
+                for by in ("task", "task_type", "pair")
+            },
             "examples": self.examples,
         }
         self._rank_zero(self.run_dir.write_json, "results.json", results)
@@ -545,11 +575,42 @@ class FederatedOrchestrator:
         for model, per_task in record.get("summary", {}).items():
             for task, values in per_task.items():
                 scalars.update({f"{model}/{task}/{k}": v for k, v in values.items()})
+        for model, per_type in record.get("summary_task_type", {}).items():
+            for group, values in per_type.items():
+                scalars.update({f"{model}/task_type/{group}/{k}": v for k, v in values.items()})
         for model, per_client in record.get("eval", {}).items():
             for cid, per_task in per_client.items():
                 for task, values in per_task.items():
                     scalars.update({f"client_{cid}/{model}/{task}/{k}": v for k, v in values.items()})
         self._tensorboard(scalars, record["round"])
+        for model, per_client in record.get("eval", {}).items():
+            self._client_histograms(model, per_client, record["round"])
+
+    def _client_histograms(self, model: str, per_client: dict[str, Any], step: int) -> None:
+        """One histogram per task and metric of the values over clients (``<model>/<task>/<metric>/clients``)."""
+        experiment = self._tb_logger().experiment
+        for task in self.data.tasks:
+            rows = [per_task[task] for per_task in per_client.values() if task in per_task]
+            for metric in sorted({m for row in rows for m in row} - {"samples"}):
+                values = np.array([row[metric] for row in rows if metric in row], dtype=np.float64)
+                experiment.add_histogram(f"{model}/{task}/{metric}/clients", values, step)
+        experiment.flush()
+
+    @rank_zero_only
+    def _log_hparams(self, results: dict[str, Any]) -> None:
+        """The run's settings with its final test metrics, for TensorBoard's hparams view."""
+        config = yaml.safe_load(self.config_text) if self.config_text else {"federation": asdict(self.config)}
+        params = {k: v for k, v in _flatten(config).items() if isinstance(v, str | int | float | bool)}
+        params["algorithm"] = self.algorithm.label
+        metrics = {
+            f"final/{model}/{task}/{metric}": value
+            for model, per_task in results["summary"].items()
+            for task, values in per_task.items()
+            for metric, value in values.items()
+            if metric not in ("clients", "samples")
+        }
+        self._tb_logger().log_hyperparams(params, metrics)
+        self._tb_logger().experiment.flush()
 
     @rank_zero_only
     def _log_post_scalars(self, record: dict[str, Any]) -> None:
@@ -559,11 +620,14 @@ class FederatedOrchestrator:
         if scalars:
             self._tensorboard(scalars, record["round"])
 
-    def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
+    def _tb_logger(self) -> TensorBoardLogger:
         if self._logger is None:
             self._logger = TensorBoardLogger(save_dir=str(self.run_dir.root), name="", version="tensorboard")
-        self._logger.log_metrics(scalars, step=step)
-        self._logger.experiment.flush()
+        return self._logger
+
+    def _tensorboard(self, scalars: dict[str, float], step: int) -> None:
+        self._tb_logger().log_metrics(scalars, step=step)
+        self._tb_logger().experiment.flush()
 
     def _write_config(self) -> None:
         if self.config_text is not None:
@@ -642,16 +706,18 @@ class FederatedOrchestrator:
         raise RunDirError(f"Checkpoint {path} belongs to a different federation: " + "; ".join(details))
 
 
-def _numbers(values: Any, prefix: str = "") -> dict[str, float]:
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as flat ``a/b/c`` keys (lists are kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, float]:
     """The numbers of a nested dict as flat ``a/b/c`` scalars (for TensorBoard)."""
-    if isinstance(values, bool):
-        return {}
-    if isinstance(values, int | float):
-        return {prefix: float(values)}
-    if isinstance(values, dict):
-        return {
-            k: v
-            for key, sub in values.items()
-            for k, v in _numbers(sub, f"{prefix}/{key}" if prefix else str(key)).items()
-        }
-    return {}
+    return {k: float(v) for k, v in _flatten(values).items() if isinstance(v, int | float) and not isinstance(v, bool)}

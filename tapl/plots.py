@@ -48,3 +48,19 @@ def plot_series(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
+
+
+def plot_boxes(groups: Mapping[str, Sequence[float]], path: str | Path, *, title: str, ylabel: str) -> Path:
+    """Draw one box plot per group (e.g. per-client values of each algorithm) and save it as a PNG."""
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    labels = [label for label, values in groups.items() if len(values)]
+    if labels:
+        axes.boxplot([list(groups[label]) for label in labels], tick_labels=labels, showmeans=True)
+    axes.set(title=title, ylabel=ylabel)
+    axes.grid(alpha=0.3, axis="y")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from tapl.tasks import Task
 
@@ -34,6 +35,79 @@ def summarize(per_client: PerClient, tasks: Mapping[str, Task]) -> dict[str, dic
         summary[task]["clients"] = float(len(rows))
         summary[task]["samples"] = float(total)
     return summary
+
+
+#: The share of clients whose mean is reported as the worst tail.
+WORST_SHARE = 0.1
+#: How per-client results are grouped in distribution summaries.
+Grouping = Literal["task", "task_type", "pair"]
+
+
+def distribution(values: Sequence[float], weights: Sequence[float], higher_is_better: bool) -> dict[str, float]:
+    """Statistics of one metric over clients (one value per client and task).
+
+    Returns:
+        ``weighted_mean`` (weighted by ``weights``, the evaluated samples: the metric over all pooled
+        samples for averages), ``mean`` (unweighted: every client counts the same), ``std`` (population
+        standard deviation over clients), ``min``, ``max``, ``worst_10pct_mean`` (mean of the worst
+        ``ceil(10%)`` of the values, at least one; worst is lowest when ``higher_is_better``, else highest),
+        ``values`` (how many: clients, or (client, task) pairs for a group of tasks) and ``higher_is_better``
+        (1.0 or 0.0).
+    """
+    if not values or len(values) != len(weights):
+        raise ValueError(f"need one weight per value and at least one value, got {len(values)} and {len(weights)}")
+    n = len(values)
+    total = sum(weights)
+    mean = sum(values) / n
+    worst = sorted(values, reverse=not higher_is_better)[: max(1, math.ceil(WORST_SHARE * n))]
+    return {
+        "weighted_mean": sum(v * w for v, w in zip(values, weights, strict=True)) / total if total > 0 else mean,
+        "mean": mean,
+        "std": math.sqrt(sum((v - mean) ** 2 for v in values) / n),
+        "min": min(values),
+        "max": max(values),
+        "worst_10pct_mean": sum(worst) / len(worst),
+        "values": float(n),
+        "higher_is_better": float(higher_is_better),
+    }
+
+
+def group_key(task: Task, by: Grouping) -> str:
+    """The group of ``task``: its name, its task type, or its modality-task pair (``image,classification``)."""
+    if by == "task":
+        return task.name
+    if by == "task_type":
+        return task.type
+    return task.pair
+
+
+def summarize_distribution(
+    per_client: PerClient, tasks: Mapping[str, Task], by: Grouping
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per group of tasks and metric, the :func:`distribution` over every (client, task) of the group.
+
+    Returns:
+        group -> metric -> statistic -> value. Losses and metrics declared lower-is-better by their task type
+        carry ``higher_is_better = 0``.
+    """
+    entries: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    directions: dict[str, dict[str, bool]] = {}
+    for results in per_client.values():
+        for name, values in results.items():
+            task = tasks[name]
+            group = group_key(task, by)
+            for metric, value in values.items():
+                if metric == "samples":
+                    continue
+                got, weights = entries.setdefault(group, {}).setdefault(metric, ([], []))
+                got.append(value)
+                weights.append(values["samples"])
+                better = task.task_type.higher_is_better.get(metric, False) if metric != "loss" else False
+                directions.setdefault(group, {})[metric] = better
+    return {
+        group: {m: distribution(v, w, directions[group][m]) for m, (v, w) in sorted(metrics.items())}
+        for group, metrics in sorted(entries.items())
+    }
 
 
 def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
@@ -91,6 +165,28 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
                 lines.append(
                     f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
                 )
+    primary = {task.type: task.task_type.primary_metric for task in data.tasks.values()}
+    primary.update({task.pair: task.task_type.primary_metric for task in data.tasks.values()})
+    for by, title in (("task_type", "task type"), ("pair", "modality-task pair")):
+        lines += [
+            "",
+            f"## Distribution across clients, per {title}",
+            "",
+            "One value per client and task of the group. Worst 10%: the mean of the worst tenth of those values "
+            "(at least one).",
+            "",
+            f"| {title} | model | metric | better | values | weighted mean | mean | std | min | max | worst 10% |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for model, groups in results.get("distribution", {}).get(by, {}).items():
+            for group, per_metric in groups.items():
+                for metric in ("loss", primary[group]):
+                    d = per_metric[metric]
+                    stats = " | ".join(
+                        f"{d[k]:.4f}" for k in ("weighted_mean", "mean", "std", "min", "max", "worst_10pct_mean")
+                    )
+                    better = "higher" if d["higher_is_better"] else "lower"
+                    lines.append(f"| {group} | {labels[model]} | {metric} | {better} | {int(d['values'])} | {stats} |")
     examples = [
         (model, client, task, example)
         for model, per_client in results.get("examples", {}).items()

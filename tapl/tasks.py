@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.text import Perplexity
+from torchmetrics.text import Perplexity, ROUGEScore
 
 from tapl.heads import ImageDecoder, ParallelTextDecoder, mlp
 
@@ -90,8 +91,8 @@ class TaskType(ABC):
     def metrics(self, task: Task) -> MetricCollection:
         """Fresh metric objects scoring this task on a held-out split."""
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor) -> None:
-        """Feed one batch to ``metrics`` (override when metrics need differently shaped inputs)."""
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor, context: HeadContext) -> None:
+        """Feed one batch to ``metrics`` (override when metrics need differently shaped inputs or decoding)."""
         metrics.update(outputs, targets)
 
     @abstractmethod
@@ -183,13 +184,16 @@ class TextGeneration(TaskType):
     encoder's frozen embeddings. A target is the text's tokens (by the text encoder's tokenizer, cut to
     ``target_length - 1``) followed by an end token (the tokenizer's separator or end-of-sequence token);
     positions after it are ignored by the loss and the metrics, and decoding stops at the first end token.
-    Metrics: perplexity and token accuracy over the target tokens, the end token included. :meth:`decode`
-    turns outputs back into text for inspection.
+    Metrics: perplexity and token accuracy over the target tokens, the end token included; and, on the
+    generated text (greedy tokens up to the first end token) against the target text (its tokens without the
+    end token), per sample and averaged: ``token_f1``, the F1 of the two bags of tokens (SQuAD-style), and
+    ``rouge_l``, the ROUGE-L F-measure (longest common token subsequence, torchmetrics). :meth:`decode` turns
+    outputs back into text for inspection.
     """
 
     name = "text_generation"
     primary_metric = "perplexity"
-    higher_is_better = {"perplexity": False, "token_accuracy": True}
+    higher_is_better = {"perplexity": False, "token_accuracy": True, "token_f1": True, "rouge_l": True}
     ignore_index = -100
 
     def validate(self, task: Task) -> None:
@@ -217,15 +221,23 @@ class TextGeneration(TaskType):
             {
                 "perplexity": Perplexity(ignore_index=self.ignore_index),
                 "token_accuracy": MeanMetric(),
-            }
+                "token_f1": MeanMetric(),
+                "rouge_l": RougeL(),
+            },
+            compute_groups=False,
         )
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor, context: HeadContext) -> None:
         metrics["perplexity"].update(outputs.float(), targets)
         real = targets != self.ignore_index
         if real.any():
             correct = (outputs.argmax(-1) == targets)[real].float()
             metrics["token_accuracy"].update(correct.mean(), weight=int(real.sum()))
+        predicted = self._token_ids(outputs.argmax(-1), context)
+        wanted = self._token_ids(targets, context)
+        metrics["token_f1"].update(torch.tensor([token_f1(p, w) for p, w in zip(predicted, wanted, strict=True)]))
+        # ROUGE-L over token ids: each id is one "word", so no text normalisation changes the tokens.
+        metrics["rouge_l"].update([" ".join(map(str, p)) for p in predicted], [" ".join(map(str, w)) for w in wanted])
 
     def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         tokenizer = context.preprocessors["text"].tokenizer
@@ -238,14 +250,18 @@ class TextGeneration(TaskType):
             row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         return rows
 
-    def _texts(self, ids: Tensor, context: HeadContext) -> list[str]:
-        tokenizer = context.preprocessors["text"].tokenizer
-        end = _end_token(tokenizer)
+    def _token_ids(self, ids: Tensor, context: HeadContext) -> list[list[int]]:
+        """Each row's tokens up to its first end token, without padding."""
+        end = _end_token(context.preprocessors["text"].tokenizer)
         cut = []
         for row in ids.tolist():
             row = [i for i in row if i != self.ignore_index]
             cut.append(row[: row.index(end)] if end in row else row)
-        return tokenizer.batch_decode(cut, skip_special_tokens=True)
+        return cut
+
+    def _texts(self, ids: Tensor, context: HeadContext) -> list[str]:
+        tokenizer = context.preprocessors["text"].tokenizer
+        return tokenizer.batch_decode(self._token_ids(ids, context), skip_special_tokens=True)
 
     def decode(self, outputs: Tensor, context: HeadContext) -> list[str]:
         """The texts a batch of outputs predicts: greedy per position, up to the first end token."""
@@ -254,6 +270,27 @@ class TextGeneration(TaskType):
     def examples(self, outputs: Tensor, targets: Tensor, context: HeadContext) -> list[dict[str, str]]:
         wanted = self._texts(targets, context)
         return [{"prediction": p, "target": t} for p, t in zip(self.decode(outputs, context), wanted, strict=True)]
+
+
+class RougeL(ROUGEScore):
+    """The ROUGE-L F-measure alone, averaged over samples (torchmetrics' ``ROUGEScore`` with ``rougeL``)."""
+
+    def __init__(self) -> None:
+        super().__init__(rouge_keys="rougeL", accumulate="avg")
+
+    def compute(self) -> Tensor:
+        return super().compute()["rougeL_fmeasure"]
+
+
+def token_f1(predicted: list[int], target: list[int]) -> float:
+    """F1 of two bags of tokens: overlap counted with multiplicity; 1.0 when both are empty, 0.0 when one is."""
+    if not predicted or not target:
+        return float(predicted == target)
+    common = sum((Counter(predicted) & Counter(target)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(target)
+    return 2 * precision * recall / (precision + recall)
 
 
 def _end_token(tokenizer: Any) -> int | None:
@@ -300,3 +337,9 @@ class Task:
     def task_type(self) -> TaskType:
         """The :class:`TaskType` this task is declared with."""
         return self._type
+
+    @property
+    def pair(self) -> str:
+        """The task's modality-task pair, e.g. ``"image+text,classification"``: it names the task's fusion
+        expert and groups tasks in summaries and TAP's settings."""
+        return f"{'+'.join(sorted(self.modalities))},{self.type}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -154,3 +155,32 @@ def tiny_config(assets: dict[str, Path], run_dir: Path, **federation: object) ->
         "trainer": {"accelerator": "cpu", "devices": 1},
         "run_dir": str(run_dir),
     }
+
+
+def write_tiny_config(assets: dict[str, Path], run_dir: Path, **federation: object) -> Path:
+    """Write :func:`tiny_config` (with ``federation`` overrides) next to ``run_dir``; return its path."""
+    import yaml
+
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tiny_config(assets, run_dir, **federation)))
+    return path
+
+
+def fit_tiny(run_dir: Path, assets: dict[str, Path], *args: str, **federation: object) -> Path:
+    """``tapl fit`` of the tiny federation into ``run_dir`` (extra command-line ``args``); return ``run_dir``."""
+    from tapl.cli import main
+
+    main(["fit", "--config", str(write_tiny_config(assets, run_dir, **federation)), *args])
+    return run_dir
+
+
+def read_records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The records of a run's JSON-lines file, without their wall-clock ``seconds``."""
+    lines = (run_dir / name).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines if line.strip()]
+
+
+def read_results(run_dir: Path) -> dict:
+    """A run's ``results.json``."""
+    return json.loads((run_dir / "results.json").read_text())

@@ -14,6 +14,7 @@ import torch
 import yaml
 from helpers import tiny_config
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tapl.algorithms import FedAvg
@@ -186,7 +187,7 @@ def test_metrics_jsonl_has_one_record_per_round(full_run: Path, assets: dict[str
 def test_tensorboard_holds_round_scalars(full_run: Path) -> None:
     events = list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events
-    accumulator = EventAccumulator(str(full_run / "tensorboard"))
+    accumulator = EventAccumulator(str(full_run / "tensorboard"), size_guidance={"histograms": 0})
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     assert {"comm/bytes_up", "comm/bytes_down", "global/sentiment/accuracy", "global/shapes/loss"} <= tags
@@ -197,6 +198,25 @@ def test_tensorboard_holds_round_scalars(full_run: Path) -> None:
     assert [e.value for e in bytes_up] == [float(r["bytes_up"]) for r in records]
     # Evaluation scalars exist only for the rounds that evaluated.
     assert [e.step for e in accumulator.Scalars("global/sentiment/accuracy")] == [2, 4]
+    # Per task type curves, per-client histograms of each metric, and the hparams view with final metrics.
+    classification = accumulator.Scalars("personalized/task_type/classification/accuracy")
+    assert [e.step for e in classification] == [2, 4]
+    by_type = records[3]["eval"]["personalized"]
+    accuracies = [v["accuracy"] for per_task in by_type.values() for v in per_task.values()]
+    samples = [v["samples"] for per_task in by_type.values() for v in per_task.values()]
+    weighted = sum(a * n for a, n in zip(accuracies, samples, strict=True)) / sum(samples)
+    assert classification[-1].value == pytest.approx(weighted, rel=1e-6)
+    histogram = accumulator.Histograms("global/shapes/accuracy/clients")
+    assert [h.step for h in histogram] == [2, 4] and histogram[-1].histogram_value.num == 3
+    hparams = [
+        value.tag
+        for path in events
+        for event in event_file_loader.EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == "hparams"
+    ]
+    assert "_hparams_/experiment" in hparams
+    assert "final/global/sentiment/accuracy" in tags
 
 
 def test_checkpoints_every_round(full_run: Path) -> None:
@@ -228,7 +248,14 @@ def test_results_json_per_client_per_task(full_run: Path) -> None:
             for values in per_task.values():
                 assert 0 <= values["accuracy"] <= 1
                 assert values["samples"] > 0
-    assert (full_run / "results.md").is_file()
+    # Distributions over clients: every (client, task) of a group counts once, with the per-client values.
+    accuracy = results["distribution"]["task_type"]["global"]["classification"]["accuracy"]
+    values = [v["accuracy"] for per_task in results["per_client"]["global"].values() for v in per_task.values()]
+    assert accuracy["values"] == len(values) == 6
+    assert accuracy["min"] == min(values) and accuracy["max"] == max(values)
+    shapes = results["distribution"]["pair"]["global"]["image,classification"]["loss"]
+    assert shapes["values"] == 3 and shapes["higher_is_better"] == 0.0
+    assert "## Distribution across clients, per task type" in (full_run / "results.md").read_text()
 
 
 def test_evaluation_every_eval_every_rounds_and_after_the_last(full_run: Path, faulty_run: Path) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import fit_tiny, tiny_config
 
-from tapl.cli import TaplCLI, main
+from tapl.cli import TaplCLI
 from tapl.plateau import Plateau
 from tapl.run_dir import RunDirError
 
@@ -19,11 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:Us
 
 
 def run(run_dir: Path, assets: dict[str, Path], *args: str, **federation: Any) -> Path:
-    config = run_dir.parent / f"{run_dir.name}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(tiny_config(assets, run_dir, **federation)))
-    main(["fit", "--config", str(config), *args])
-    return run_dir
+    return fit_tiny(run_dir, assets, *args, **federation)
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from helpers import tiny_config
 from tapl.cli import main
 from tapl.models import LoraSettings, PatchImageEncoder, TextEncoder
 from tapl.models.foundation import FoundationModel
-from tapl.tasks import HeadContext, Task, TaskType
+from tapl.tasks import HeadContext, Task, TaskType, token_f1
 
 IGNORE = -100
 
@@ -52,8 +52,8 @@ def test_image_generation_reconstructs_pixels_scored_by_mse(model: FoundationMod
     assert outputs.shape == targets.shape and outputs.min() >= 0 and outputs.max() <= 1
     assert torch.isclose(task.task_type.loss(outputs, targets), ((outputs - targets) ** 2).mean())
     metrics = task.task_type.metrics(task)
-    task.task_type.update_metrics(metrics, outputs[:1], targets[:1])
-    task.task_type.update_metrics(metrics, outputs[1:], targets[1:])
+    task.task_type.update_metrics(metrics, outputs[:1], targets[:1], model.head_context)
+    task.task_type.update_metrics(metrics, outputs[1:], targets[1:], model.head_context)
     assert torch.isclose(metrics.compute()["mse"], ((outputs - targets) ** 2).mean())
     with pytest.raises(ValueError, match="needs an image input"):
         Task(name="r", type="image_generation", modalities=("text",))
@@ -86,7 +86,7 @@ def test_text_generation_loss_and_metrics_by_hand(model: FoundationModel) -> Non
         nll += float(token_nll.detach().sum())
         tokens += int(real.sum())
         correct += int((outputs.argmax(-1) == targets)[real].sum())
-        kind.update_metrics(metrics, outputs, targets)
+        kind.update_metrics(metrics, outputs, targets, model.head_context)
     values = metrics.compute()
     assert math.isclose(float(values["perplexity"]), math.exp(nll / tokens), rel_tol=1e-4)
     assert math.isclose(float(values["token_accuracy"]), correct / tokens, rel_tol=1e-6)
@@ -94,6 +94,34 @@ def test_text_generation_loss_and_metrics_by_hand(model: FoundationModel) -> Non
     assert len(decoded) == 1 and isinstance(decoded[0], str)
     shown = kind.examples(outputs, targets, model.head_context)
     assert shown == [{"prediction": decoded[0], "target": "hate the movie"}]
+
+
+def test_token_f1_counts_overlap_with_multiplicity() -> None:
+    # common tokens: 2 twice -> 2; precision 2/4, recall 2/3
+    assert token_f1([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert token_f1([5, 6], [6, 5]) == 1.0
+    assert token_f1([], []) == 1.0 and token_f1([1], []) == 0.0 and token_f1([1], [2]) == 0.0
+
+
+def test_text_generation_scores_generated_text_by_token_f1_and_rouge_l(model: FoundationModel) -> None:
+    task = model.tasks["answer"]
+    kind = task.task_type
+    tokenizer = model.preprocessors["text"].tokenizer
+    targets = kind.collate_targets(["good day", "awful"], task, model.head_context)
+    ids = [
+        tokenizer.convert_tokens_to_ids(t) for t in (["day", "good", "[SEP]", "fine"], ["awful", "awful", "[SEP]", "a"])
+    ]
+    outputs = torch.zeros(2, 4, len(tokenizer))
+    for row, tokens in enumerate(ids):
+        outputs[row, torch.arange(4), torch.tensor(tokens)] = 10.0
+    metrics = kind.metrics(task)
+    kind.update_metrics(metrics, outputs, targets, model.head_context)
+    values = metrics.compute()
+    # Sample 1: generated "day good" vs "good day": bags equal (F1 1.0); longest common subsequence 1 of 2 (0.5).
+    # Sample 2: generated "awful awful" vs "awful": F1 and ROUGE-L both 2 * 0.5 * 1 / 1.5.
+    assert float(values["token_f1"]) == pytest.approx((1.0 + 2 / 3) / 2, rel=1e-5)
+    assert float(values["rouge_l"]) == pytest.approx((0.5 + 2 / 3) / 2, rel=1e-5)
+    assert kind.higher_is_better["token_f1"] and kind.higher_is_better["rouge_l"]
 
 
 def test_text_decoder_is_tied_to_the_frozen_embeddings(model: FoundationModel) -> None:

@@ -59,7 +59,11 @@ class Algorithm:
 
     @property
     def personalized_label(self) -> str:
-        """What the personalized model is called in results."""
+        """What the personalized model is called in results: the algorithm's label when it overrides
+        :meth:`personalized_state`, else ``"<label> (personalized)"`` (its personalized model is the global
+        slice)."""
+        if type(self).personalized_state is not Algorithm.personalized_state:
+            return self.label
         return f"{self.label} (personalized)"
 
     @property

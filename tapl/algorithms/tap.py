@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from lightning.pytorch.utilities import rank_zero_only
 
 from tapl.algorithms.fedavg import FedAvg
-from tapl.components import ComponentState, clone, non_finite_components, select
+from tapl.algorithms.personal import PersonalModels
+from tapl.components import ComponentState, check_finite
 from tapl.context import ClientContext, ClientUpdate
 from tapl.distillation import DistillationModule
-from tapl.models.fusion import expert_key
 from tapl.plots import plot_series
 from tapl.tasks import Task
 
@@ -39,11 +39,6 @@ FLAVA_MARGINS: dict[str, float] = {
 DISTILL_WEIGHTS: dict[str, float] = {"text,classification": 1.0, "default": 2e-3}
 #: The replacement plot written to the run directory.
 REPLACEMENT_PLOT = "replacements.png"
-
-
-def pair_key(task: Task) -> str:
-    """A task's modality-task pair, e.g. ``"image,classification"`` (as the fusion experts name it)."""
-    return expert_key(task.modalities, task.type)
 
 
 class TAP(FedAvg):
@@ -91,14 +86,13 @@ class TAP(FedAvg):
         self.criterion = criterion
         self.distill_weights = dict(DISTILL_WEIGHTS if distill_weights is None else distill_weights)
         self.temperature = temperature
-        self.personal: dict[int, ComponentState] = {}
+        self.personal = PersonalModels()
         #: Per client and task, the personal model's loss from its last fit (``hP``; +inf before the first).
         self.personal_loss: dict[int, dict[str, float]] = {}
         #: Every replacement: round, client, task, pair and the components copied.
         self.replacements: list[dict[str, Any]] = []
         #: Stage-2 models: the personal model trained for the same steps without distillation.
         self.undistilled: dict[int, ComponentState] = {}
-        self._initial: ComponentState = {}
 
     # -- names --------------------------------------------------------------------------------------------
 
@@ -110,10 +104,6 @@ class TAP(FedAvg):
     def global_label(self) -> str:
         # The uploads are the trained global slices and the server averages them: FedAvg's global model.
         return "FedAvg"
-
-    @property
-    def personalized_label(self) -> str:
-        return self.label
 
     @property
     def personalized_description(self) -> str:
@@ -138,11 +128,11 @@ class TAP(FedAvg):
     @staticmethod
     def lookup(table: Mapping[str, float], task: Task, what: str) -> float:
         """The value of ``task`` in a per-task table (task name, pair, type, then ``default``)."""
-        for key in (task.name, pair_key(task), task.type, "default"):
+        for key in (task.name, task.pair, task.type, "default"):
             if key in table:
                 return float(table[key])
         raise ValueError(
-            f"algorithm.{what} has no entry for task {task.name!r}: add one of {task.name!r}, {pair_key(task)!r}, "
+            f"algorithm.{what} has no entry for task {task.name!r}: add one of {task.name!r}, {task.pair!r}, "
             f"{task.type!r} or 'default'."
         )
 
@@ -172,23 +162,17 @@ class TAP(FedAvg):
             self.margin(task)
             self.lookup(self.distill_weights, task, "distill_weights")
         # The personal model of a client not visited yet: its slice of the initial model.
-        self._initial = clone(federation.global_state)
-
-    def personal_model(self, client: int, components: list[str]) -> ComponentState:
-        """A copy of the client's personal model (its slice of the initial model before the first visit)."""
-        if client in self.personal:
-            return clone(self.personal[client])
-        return clone(select(self._initial, components))
+        self.personal.start_from(federation.global_state)
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
         assert self.federation is not None
         cid = ctx.client.id
         tasks = {name: self.federation.data.tasks[name] for name in ctx.client.tasks}
         trained = ctx.fit(ctx.global_state)
-        _check_finite(trained.state, "the trained global slice")
+        check_finite(trained.state, "the trained global slice")
         global_loss = self._losses(ctx, trained.state, trained.train_loss)
 
-        personal = self.personal_model(cid, ctx.components)
+        personal = self.personal.model(cid, ctx.components)
         history = self.personal_loss.get(cid, {})
         metrics: dict[str, float] = {f"train_loss/{t}": v for t, v in trained.train_loss.items()}
         events: list[dict[str, Any]] = []
@@ -207,7 +191,7 @@ class TAP(FedAvg):
                         "event": "replacement",
                         "round": ctx.round,
                         "task": name,
-                        "pair": pair_key(task),
+                        "pair": task.pair,
                         "components": components,
                         "global_loss": global_loss[name],
                         "personal_loss": before,
@@ -215,7 +199,7 @@ class TAP(FedAvg):
                 )
 
         fitted = ctx.fit(personal)
-        _check_finite(fitted.state, "the trained personal model")
+        check_finite(fitted.state, "the trained personal model")
         personal_loss = self._losses(ctx, fitted.state, fitted.train_loss)
         metrics.update({f"personal_loss/{t}": v for t, v in personal_loss.items()})
         # The visit succeeded: only now does the client's own state change.
@@ -237,7 +221,7 @@ class TAP(FedAvg):
     def replacement_counts(self, last_round: int) -> dict[str, list[int]]:
         """Cumulative replacements per modality-task pair after each round ``1..last_round``."""
         assert self.federation is not None
-        pairs = sorted({pair_key(t) for t in self.federation.data.tasks.values()})
+        pairs = sorted({t.pair for t in self.federation.data.tasks.values()})
         per_round = {pair: [0] * last_round for pair in pairs}
         for event in self.replacements:
             if event["round"] <= last_round:
@@ -257,16 +241,16 @@ class TAP(FedAvg):
         cid = ctx.client.id
         tasks = [self.federation.data.tasks[name] for name in ctx.client.tasks]
         weights = {t.name: self.lookup(self.distill_weights, t, "distill_weights") for t in tasks}
-        personal = self.personal_model(cid, ctx.components)
+        personal = self.personal.model(cid, ctx.components)
         stream = ctx.new_stream()
         budget = {"steps": config.finetune_steps, "lr": config.finetune_lr, "stream": stream}
         student_module = partial(
             DistillationModule, teacher=ctx.finetuned, weights=weights, temperature=self.temperature
         )
         student = ctx.fit(personal, module_class=student_module, **budget)
-        _check_finite(student.state, "the distilled personal model")
+        check_finite(student.state, "the distilled personal model")
         plain = ctx.fit(personal, **budget)
-        _check_finite(plain.state, "the personal model trained without distillation")
+        check_finite(plain.state, "the personal model trained without distillation")
         self.personal[cid] = student.state
         self.undistilled[cid] = plain.state
         return {
@@ -297,7 +281,7 @@ class TAP(FedAvg):
         )
 
     def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
-        return self.personal_model(client, sorted(global_state))
+        return self.personal.model(client, global_state)
 
     def variant_states(self, client: int, global_state: ComponentState) -> dict[str, ComponentState]:
         return {"no_distillation": self.undistilled[client]} if client in self.undistilled else {}
@@ -306,20 +290,14 @@ class TAP(FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "personal": {str(c): s for c, s in self.personal.items()},
+            "personal": self.personal.to_state(),
             "personal_loss": {str(c): dict(h) for c, h in self.personal_loss.items()},
             "replacements": list(self.replacements),
             "undistilled": {str(c): s for c, s in self.undistilled.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.personal = {int(c): s for c, s in state["personal"].items()}
+        self.personal.load(state["personal"])
         self.personal_loss = {int(c): dict(h) for c, h in state["personal_loss"].items()}
         self.replacements = list(state["replacements"])
         self.undistilled = {int(c): s for c, s in state["undistilled"].items()}
-
-
-def _check_finite(state: ComponentState, what: str) -> None:
-    bad = non_finite_components(state)
-    if bad:
-        raise FloatingPointError(f"{what} has non-finite values in {bad}")

@@ -23,7 +23,7 @@ from tapl.components import (
     head_component,
 )
 from tapl.models.encoders import Encoder, Preprocessor
-from tapl.models.fusion import SHARED_EXPERT, Fusion, expert_key
+from tapl.models.fusion import SHARED_EXPERT, Fusion
 from tapl.tasks import HeadContext, Task
 
 
@@ -61,7 +61,7 @@ class FoundationModel(nn.Module):
         for task in tasks or []:
             self._add_task(task)
         if fusion is not None:
-            experts = sorted({expert_key(t.modalities, t.type) for t in self.tasks.values()})
+            experts = sorted({t.pair for t in self.tasks.values()})
             fusion.build(experts, {m: e.hidden_size for m, e in self.encoders.items()})
         self._parameters_by_component = self._collect_components()
         # component -> parameter key -> the parameter's name in this module (for functional calls)
@@ -110,7 +110,7 @@ class FoundationModel(nn.Module):
         spec = self.tasks[task]
         names = {encoder_component(m) for m in spec.modalities} | {head_component(task)}
         if self.fusion is not None:
-            names |= {fusion_component(SHARED_EXPERT), fusion_component(expert_key(spec.modalities, spec.type))}
+            names |= {fusion_component(SHARED_EXPERT), fusion_component(spec.pair)}
         return sorted(names & set(self._parameters_by_component))
 
     def components_for(self, tasks: Iterable[str]) -> list[str]:
@@ -155,6 +155,11 @@ class FoundationModel(nn.Module):
             params = self._parameters_by_component[component]
             for key, tensor in tensors.items():
                 params[key].copy_(tensor)
+
+    def component_parameters(self, component: str) -> dict[str, nn.Parameter]:
+        """The trainable parameters of ``component`` by the keys its states use."""
+        self._check_known([component])
+        return dict(self._parameters_by_component[component])
 
     def parameters_of(self, components: Iterable[str]) -> list[nn.Parameter]:
         """The trainable parameters of ``components``."""
@@ -211,7 +216,7 @@ class FoundationModel(nn.Module):
         spec = self.tasks[task]
         if self.fusion is not None:
             tokens = {m: self.encoders[m](inputs[m]) for m in spec.modalities}
-            feature = masked_mean(*self.fusion(tokens, expert_key(spec.modalities, spec.type)))
+            feature = masked_mean(*self.fusion(tokens, spec.pair))
         else:
             pooled = [masked_mean(*self.encoders[m](inputs[m])) for m in spec.modalities]
             feature = pooled[0] if len(pooled) == 1 else torch.stack(pooled).mean(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,11 +22,6 @@ from tapl.models.loading import LoraSettings, load_backbone, lora_target_modules
 
 SHARED_EXPERT = "shared"
 _ADAPTER_OF_PARAMETER = re.compile(r"\.lora_[AB]\.([^.]+)\.")
-
-
-def expert_key(modalities: Iterable[str], task_type: str) -> str:
-    """The modality-task pair a task's expert serves, e.g. ``"image+text,classification"``."""
-    return f"{'+'.join(sorted(modalities))},{task_type}"
 
 
 class Fusion(nn.Module):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
-from helpers import tiny_config
+from helpers import fit_tiny
+from helpers import read_records as records
+from helpers import read_results as results
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,20 +25,7 @@ SETTINGS = {"rounds": ROUNDS, "eval_every": 2, "finetune_steps": 3}
 
 
 def run(run_dir: Path, assets: dict[str, Path], *args: str, **federation: Any) -> Path:
-    config = run_dir.parent / f"{run_dir.name}.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(tiny_config(assets, run_dir, **{**SETTINGS, **federation})))
-    main(["fit", "--config", str(config), *args])
-    return run_dir
-
-
-def records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
-    lines = (run_dir / name).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines if line.strip()]
-
-
-def results(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "results.json").read_text())
+    return fit_tiny(run_dir, assets, *args, **{**SETTINGS, **federation})
 
 
 def algorithm_state(checkpoint: Path) -> dict[str, Any]:

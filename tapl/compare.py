@@ -1,0 +1,384 @@
+"""``tapl compare``: several algorithms and seeds on one federation, then one comparison table and plots.
+
+Every run is an ordinary ``tapl fit`` in ``RUN_DIR/<algorithm>/seed-<seed>`` with the same configuration and
+overrides, only ``--algorithm`` and ``--federation.seed`` differing. A finished run is read, not re-run, and
+an unfinished one resumes, so re-running the command completes a comparison and reproduces its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import inspect
+import io
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tapl.algorithms
+from tapl.plots import plot_boxes, plot_series
+from tapl.run_dir import FINAL, RunDirectory
+
+#: The model whose per-client values the distribution plots show.
+PLOTTED_MODEL = "personalized"
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
+    """Split ``tapl compare`` arguments into its own, the ``--algorithm.*`` overrides and the rest (for fit).
+
+    Returns:
+        The compare arguments, the ``--algorithm.NAME VALUE`` overrides (flat list) and the ``fit`` arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="tapl compare",
+        allow_abbrev=False,
+        description="Run several algorithms and seeds on the same federation and compare them. Any other "
+        "argument (--config, --federation.*, --trainer.*, --data.*, ...) applies to every run; "
+        "--algorithm.NAME VALUE applies to the algorithms that take NAME.",
+    )
+    parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. FedAvg,FedProx,PerFedAvg,TAP")
+    parser.add_argument("--seeds", default="0", help="comma-separated federation seeds, e.g. 0,1,2")
+    parser.add_argument("--run_dir", default="runs/compare", help="one sub-directory per algorithm and seed")
+    own, rest = parser.parse_known_args(list(argv))
+    overrides: list[str] = []
+    fit_args: list[str] = []
+    items = iter(rest)
+    for item in items:
+        if item == "--algorithm" or item.startswith("--algorithm="):
+            parser.error("--algorithm is set per run by --algorithms")
+        if item.startswith("--federation.seed"):
+            parser.error("--federation.seed is set per run by --seeds")
+        if item.startswith("--algorithm."):
+            overrides += item.split("=", 1) if "=" in item else [item, next(items, "")]
+        else:
+            fit_args.append(item)
+    own.algorithms = [a.strip() for a in own.algorithms.split(",") if a.strip()]
+    try:
+        own.seeds = [int(s) for s in own.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {own.seeds!r}")
+    if not own.algorithms or not own.seeds:
+        parser.error("give at least one algorithm and one seed")
+    return own, overrides, fit_args
+
+
+def algorithm_class(name: str) -> type:
+    """The class ``--algorithm NAME`` selects: a short name of ``tapl.algorithms`` or a class path."""
+    if "." not in name:
+        cls = getattr(tapl.algorithms, name, None)
+        if not isinstance(cls, type):
+            raise ValueError(f"Unknown algorithm {name!r}; built-in ones: {sorted(tapl.algorithms.__all__)}")
+        return cls
+    module, _, attribute = name.rpartition(".")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def overrides_for(name: str, overrides: Sequence[str]) -> list[str]:
+    """The ``--algorithm.NAME VALUE`` pairs that algorithm ``name`` accepts."""
+    accepted = set(inspect.signature(algorithm_class(name).__init__).parameters)
+    kept: list[str] = []
+    for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
+        if flag.removeprefix("--algorithm.").split(".")[0] in accepted:
+            kept += [flag, value]
+    return kept
+
+
+def check_overrides(algorithms: Sequence[str], overrides: Sequence[str]) -> None:
+    """Fail when an ``--algorithm.*`` override applies to none of the algorithms."""
+    for flag in overrides[::2]:
+        if not any(flag in overrides_for(a, [flag, ""]) for a in algorithms):
+            raise ValueError(f"{flag} is an argument of none of {list(algorithms)}")
+
+
+def run_all(
+    algorithms: Sequence[str],
+    seeds: Sequence[int],
+    run_dir: Path,
+    overrides: Sequence[str],
+    fit_args: Sequence[str],
+    fit: Callable[[list[str]], None],
+) -> dict[tuple[str, int], Path]:
+    """Run (or resume, or reuse) every algorithm and seed; return each run's directory."""
+    check_overrides(algorithms, overrides)
+    runs: dict[tuple[str, int], Path] = {}
+    for algorithm in algorithms:
+        for seed in seeds:
+            directory = run_dir / algorithm.rsplit(".", 1)[-1] / f"seed-{seed}"
+            runs[(algorithm, seed)] = directory
+            if is_finished(directory):
+                print(f"compare: {algorithm} seed {seed}: finished run in {directory}, reused")
+                continue
+            args = [
+                "fit",
+                *fit_args,
+                "--algorithm",
+                algorithm,
+                *overrides_for(algorithm, overrides),
+                "--federation.seed",
+                str(seed),
+                "--run_dir",
+                str(directory),
+            ]
+            if RunDirectory(directory).holds_run():
+                args += ["--ckpt_path", "last"]
+            print(f"compare: {algorithm} seed {seed} -> {directory}")
+            fit(args)
+    return runs
+
+
+def is_finished(directory: Path) -> bool:
+    """Whether ``directory`` holds a run that completed its post-federation stage and wrote its results."""
+    state = directory / "checkpoints" / FINAL / "state.pt"
+    if not (directory / "results.json").is_file() or not state.is_file():
+        return False
+    return bool(torch.load(state, map_location="cpu", weights_only=True)["finalized"])
+
+
+# -- reading runs ------------------------------------------------------------------------------------------
+
+
+def load_run(directory: Path) -> dict[str, Any]:
+    """A run's ``results.json`` and its per-round records."""
+    results = json.loads((directory / "results.json").read_text())
+    rounds = RunDirectory(directory).read_metrics()
+    return {"results": results, "rounds": rounds}
+
+
+def type_metrics(results: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Task type -> (its primary metric, whether higher is better), from a run's ``tasks``."""
+    out = {}
+    for task in results["tasks"].values():
+        metric = task["primary_metric"]
+        out[task["type"]] = (metric, bool(task["higher_is_better"].get(metric, False)))
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def comparison_rows(runs: Mapping[tuple[str, int], Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per algorithm, model and task type: the primary metric over seeds.
+
+    The value of one run is the sample-weighted mean over every client and task of the type (the test
+    split, ``results.json`` ``distribution.task_type``).
+    """
+    rows: list[dict[str, Any]] = []
+    algorithms = list(dict.fromkeys(a for a, _ in runs))
+    for algorithm in algorithms:
+        seeds = sorted(s for a, s in runs if a == algorithm)
+        first = runs[(algorithm, seeds[0])]["results"]
+        for model, info in first["models"].items():
+            for task_type, (metric, higher) in sorted(type_metrics(first).items()):
+                values = [
+                    runs[(algorithm, s)]["results"]["distribution"]["task_type"][model][task_type][metric][
+                        "weighted_mean"
+                    ]
+                    for s in seeds
+                ]
+                mean, std = mean_std(values)
+                rows.append(
+                    {
+                        "algorithm": first["algorithm"],
+                        "model": model,
+                        "label": info["label"],
+                        "task_type": task_type,
+                        "metric": metric,
+                        "higher_is_better": higher,
+                        "mean": mean,
+                        "std": std,
+                        "seeds": seeds,
+                        "values": values,
+                    }
+                )
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], command: str) -> str:
+    """Algorithm and model x task type, ``mean +- std`` over seeds, with what each number is."""
+    types = list(dict.fromkeys(r["task_type"] for r in rows))
+    metric_of = {r["task_type"]: (r["metric"], r["higher_is_better"]) for r in rows}
+    header = [f"{t} {metric_of[t][0]} ({'higher' if metric_of[t][1] else 'lower'} is better)" for t in types]
+    lines = [
+        "# Comparison",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Each cell: the task type's primary metric on the test split, sample-weighted over every client and "
+        "task of that type, as mean +- sample std over the seeds (their number in brackets). Models: `global` "
+        "is the final global model's slice, `global+FT` that slice fine-tuned per client after the last round, "
+        "`personalized` the algorithm's personalized model, others the algorithm's variants; each run's "
+        "results.md describes them.",
+        "",
+        "| algorithm | model | " + " | ".join(header) + " |",
+        "|---|---|" + "---|" * len(types),
+    ]
+    keys = list(dict.fromkeys((r["algorithm"], r["model"]) for r in rows))
+    by_key = {(r["algorithm"], r["model"], r["task_type"]): r for r in rows}
+    for algorithm, model in keys:
+        label = next(r["label"] for r in rows if (r["algorithm"], r["model"]) == (algorithm, model))
+        cells = []
+        for task_type in types:
+            row = by_key.get((algorithm, model, task_type))
+            cells.append(f"{row['mean']:.4f} +- {row['std']:.4f} ({len(row['seeds'])})" if row else "-")
+        lines.append(f"| {algorithm} | {label} (`{model}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows in long form: one line per algorithm, model and task type."""
+    buffer = io.StringIO()
+    fields = [
+        "algorithm",
+        "model",
+        "label",
+        "task_type",
+        "metric",
+        "higher_is_better",
+        "mean",
+        "std",
+        "seeds",
+        "values",
+    ]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                **row,
+                "seeds": " ".join(map(str, row["seeds"])),
+                "values": " ".join(f"{v:.6g}" for v in row["values"]),
+            }
+        )
+    return buffer.getvalue()
+
+
+# -- plots -------------------------------------------------------------------------------------------------
+
+
+def plot_curves(runs: Mapping[tuple[str, int], Mapping[str, Any]], out: Path, model: str = PLOTTED_MODEL) -> list[Path]:
+    """Per task type: its primary validation metric vs round, one line per algorithm (mean over seeds)."""
+    first = next(iter(runs.values()))["results"]
+    paths = []
+    for task_type, (metric, higher) in sorted(type_metrics(first).items()):
+        series: dict[str, list[float]] = {}
+        rounds: list[int] = []
+        for algorithm in dict.fromkeys(a for a, _ in runs):
+            per_seed = [
+                {
+                    r["round"]: r["summary_task_type"][model][task_type][metric]
+                    for r in run["rounds"]
+                    if model in r.get("summary_task_type", {})
+                }
+                for (a, _), run in runs.items()
+                if a == algorithm
+            ]
+            common = sorted(set.intersection(*(set(p) for p in per_seed)))
+            if not common:
+                continue
+            rounds = common
+            label = runs[next(k for k in runs if k[0] == algorithm)]["results"]["algorithm"]
+            series[label] = [sum(p[r] for p in per_seed) / len(per_seed) for r in common]
+        series = {k: v for k, v in series.items() if len(v) == len(rounds)}
+        if series:
+            paths.append(
+                plot_series(
+                    rounds,
+                    series,
+                    out / f"curve_{task_type}.png",
+                    title=f"{task_type}: {model} model, validation ({'higher' if higher else 'lower'} is better)",
+                    xlabel="round",
+                    ylabel=metric,
+                )
+            )
+    return paths
+
+
+def plot_client_distributions(
+    runs: Mapping[tuple[str, int], Mapping[str, Any]], out: Path, model: str = PLOTTED_MODEL
+) -> list[Path]:
+    """Per task type: the final per-client values of its primary metric, one box per algorithm (all seeds)."""
+    first = next(iter(runs.values()))["results"]
+    paths = []
+    for task_type, (metric, higher) in sorted(type_metrics(first).items()):
+        groups: dict[str, list[float]] = {}
+        for run in runs.values():
+            results = run["results"]
+            kinds = {name: t["type"] for name, t in results["tasks"].items()}
+            values = groups.setdefault(results["algorithm"], [])
+            for per_task in results["per_client"].get(model, {}).values():
+                values += [v[metric] for task, v in per_task.items() if kinds[task] == task_type]
+        paths.append(
+            plot_boxes(
+                groups,
+                out / f"clients_{task_type}.png",
+                title=f"{task_type}: per-client {metric} of the {model} model, test ({'higher' if higher else 'lower'} "
+                "is better)",
+                ylabel=metric,
+            )
+        )
+    return paths
+
+
+def plot_replacements(runs: Mapping[tuple[str, int], Mapping[str, Any]], out: Path) -> Path | None:
+    """TAP's cumulative replacements per modality-task pair over rounds, mean over its seeds (if it ran)."""
+    series: dict[str, list[list[float]]] = {}
+    last = 0
+    for run in runs.values():
+        if not run["results"]["algorithm"].startswith("TAP"):
+            continue
+        rounds = run["rounds"]
+        last = max(last, len(rounds))
+        pairs = sorted({t["pair"] for t in run["results"]["tasks"].values()})
+        for pair in pairs:
+            running, total = [], 0
+            for record in rounds:
+                total += sum(1 for e in record.get("events", []) if e.get("pair") == pair)
+                running.append(float(total))
+            series.setdefault(f"{run['results']['algorithm']} {pair}", []).append(running)
+    if not series:
+        return None
+    means = {k: [sum(v) / len(v) for v in zip(*runs_, strict=True)] for k, runs_ in series.items()}
+    return plot_series(
+        list(range(1, last + 1)),
+        means,
+        out / "replacements.png",
+        title="TAP: cumulative replacements per modality-task pair (mean over seeds)",
+        xlabel="round",
+        ylabel="cumulative replacements",
+        step=True,
+    )
+
+
+# -- the command -------------------------------------------------------------------------------------------
+
+
+def compare(argv: Sequence[str], fit: Callable[[list[str]], None]) -> Path:
+    """Run ``tapl compare`` with ``argv`` (without the subcommand); ``fit`` runs one ``tapl fit``.
+
+    Writes ``comparison.md``, ``comparison.csv`` and the PNG plots into ``--run_dir`` and returns it.
+    """
+    own, overrides, fit_args = parse_args(argv)
+    out = Path(own.run_dir)
+    paths = run_all(own.algorithms, own.seeds, out, overrides, fit_args, fit)
+    runs = {key: load_run(directory) for key, directory in paths.items()}
+    rows = comparison_rows(runs)
+    command = " ".join(["tapl compare", *argv])
+    out.mkdir(parents=True, exist_ok=True)
+    RunDirectory(out).write_text("comparison.md", markdown_table(rows, command))
+    RunDirectory(out).write_text("comparison.csv", csv_table(rows))
+    plots = [*plot_curves(runs, out), *plot_client_distributions(runs, out)]
+    replacements = plot_replacements(runs, out)
+    if replacements is not None:
+        plots.append(replacements)
+    print(f"compare: {len(runs)} runs; table in {out / 'comparison.md'}; plots: {', '.join(p.name for p in plots)}")
+    return out
