@@ -1,0 +1,89 @@
+"""FedRep (Collins et al., 2021): a shared representation learned by all clients, task heads kept local.
+
+A client's task heads are personal and never leave it; every other component of its slice (encoders,
+fusion experts: the body) is shared. Each visit trains the personal heads over the received body, then
+the body under those heads, and uploads the body only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from tapl.algorithms.fedavg import FedAvg
+from tapl.components import ComponentState, check_finite, clone, head_component, select
+from tapl.context import ClientContext, ClientUpdate
+
+
+class FedRep(FedAvg):
+    """FedRep: federated representation learning with local heads.
+
+    The server averages the bodies like FedAvg (each component over the clients that hold it); no client
+    uploads a head, so the server's heads stay the untrained initial ones. There is thus no global model to
+    report (``has_global_model = False``: no global or "+FT" rows); the personalized model is the global body
+    with the client's own heads.
+
+    Args:
+        head_steps: Optimizer steps training the heads, the body frozen, per visit (default:
+            ``federation.local_steps``). The paper trains the head for several local epochs first.
+        body_steps: Optimizer steps then training the body, the heads frozen (default:
+            ``federation.local_steps``).
+        weighting: Server aggregation weights of the bodies, as :class:`FedAvg`.
+    """
+
+    has_global_model: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        head_steps: int | None = None,
+        body_steps: int | None = None,
+        weighting: Literal["samples", "uniform"] = "samples",
+    ) -> None:
+        super().__init__(weighting=weighting)
+        for name, steps in (("head_steps", head_steps), ("body_steps", body_steps)):
+            if steps is not None and steps < 1:
+                raise ValueError(f"algorithm.{name} must be >= 1 (or null: local_steps), got {steps}")
+        self.head_steps = head_steps
+        self.body_steps = body_steps
+        #: Each visited client's personal heads.
+        self.heads: dict[int, ComponentState] = {}
+
+    @property
+    def personalized_description(self) -> str:
+        return (
+            "FedRep's model of each client: the global body (every component but the task heads, averaged over "
+            "the clients that hold it) with the client's own task heads, trained locally and never uploaded. "
+            "There is no global model: the server's heads are the untrained initial ones, which a client never "
+            "visited still holds."
+        )
+
+    @staticmethod
+    def head_components(ctx: ClientContext) -> list[str]:
+        """The client's personal components: the heads of its tasks."""
+        return sorted(head_component(task) for task in ctx.client.tasks)
+
+    def client_update(self, ctx: ClientContext) -> ClientUpdate:
+        cid = ctx.client.id
+        heads = self.head_components(ctx)
+        body = [c for c in ctx.components if c not in heads]
+        start = dict(ctx.global_state)
+        if cid in self.heads:
+            start.update(clone(self.heads[cid]))
+        head_fit = ctx.fit(start, steps=self.head_steps, trainable=heads)
+        body_fit = ctx.fit(head_fit.state, steps=self.body_steps, trainable=body)
+        check_finite(body_fit.state, "the trained model")
+        # The visit succeeded: only now does the client's own state change.
+        self.heads[cid] = select(body_fit.state, heads)
+        metrics = {f"head_loss/{t}": v for t, v in head_fit.train_loss.items()}
+        metrics.update({f"body_loss/{t}": v for t, v in body_fit.train_loss.items()})
+        return ClientUpdate(cid, select(body_fit.state, body), ctx.num_train_samples, metrics)
+
+    def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
+        if client not in self.heads:
+            return None
+        return {**global_state, **clone(self.heads[client])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"heads": {str(c): s for c, s in self.heads.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.heads = {int(c): s for c, s in state["heads"].items()}

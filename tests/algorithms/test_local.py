@@ -1,0 +1,250 @@
+"""Tests for tapl.algorithms.local: each client continues its own model, nothing goes up, nothing is aggregated,
+only local models are reported, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from helpers import fit_tiny
+from helpers import read_records as records
+from helpers import read_results as results
+from safetensors.torch import load_file
+
+from tapl.algorithms import Local
+from tapl.components import ComponentState, clone, flatten, select
+from tapl.context import ClientContext, ClientUpdate, FitResult
+from tapl.datamodules.federated import ClientSpec
+from tapl.federation import FederatedOrchestrator
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
+
+ENC, HEAD_A, HEAD_B = "encoder[text]", "head[a]", "head[b]"
+INITIAL: ComponentState = {c: {"w": torch.full((2,), float(i))} for i, c in enumerate([ENC, HEAD_A, HEAD_B])}
+
+
+# -- scripted visits ------------------------------------------------------------------------------------------------
+
+
+class ScriptedVisit:
+    """A visit whose fit returns its input plus ``10 * round + client`` (so every tensor tells who trained it), or
+    ``fit_value`` everywhere when given."""
+
+    def __init__(self, client: int, round: int, components: list[str], fit_value: float | None = None) -> None:
+        self.client = ClientSpec(client, ("a",))
+        self.round = round
+        # A global slice unlike the initial model: Local must never train it.
+        self.global_state = {c: {"w": torch.full((2,), -100.0)} for c in components}
+        self.components = sorted(components)
+        self.num_train_samples = 5
+        self.fit_value = fit_value
+        self.fitted: list[ComponentState] = []
+
+    def fit(self, state: ComponentState, **kwargs: Any) -> FitResult:
+        self.fitted.append(clone(state))
+        offset = 10.0 * self.round + self.client.id
+        trained = {
+            c: {k: t + offset if self.fit_value is None else torch.full_like(t, self.fit_value) for k, t in p.items()}
+            for c, p in state.items()
+        }
+        return FitResult(trained, {"a": 0.5}, steps=1)
+
+
+def make_local() -> Local:
+    local = Local()
+    local.setup(SimpleNamespace(global_state=INITIAL))  # type: ignore[arg-type]
+    return local
+
+
+def visit(local: Local, client: int, round: int, **kwargs: Any) -> tuple[ScriptedVisit, ClientUpdate]:
+    ctx = ScriptedVisit(client, round, [ENC, HEAD_A], **kwargs)
+    return ctx, local.client_update(ctx)  # type: ignore[arg-type]
+
+
+def same(a: ComponentState, b: ComponentState) -> bool:
+    return a.keys() == b.keys() and all(
+        a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c]) for c in a
+    )
+
+
+def plus(state: ComponentState, value: float) -> ComponentState:
+    return {c: {k: t + value for k, t in p.items()} for c, p in state.items()}
+
+
+def test_a_first_visit_trains_the_clients_slice_of_the_initial_model_and_uploads_nothing() -> None:
+    local = make_local()
+    ctx, update = visit(local, client=0, round=1)
+    assert len(ctx.fitted) == 1
+    assert same(ctx.fitted[0], select(INITIAL, [ENC, HEAD_A]))
+    assert update.state == {}
+    assert (update.client, update.num_samples, update.metrics) == (0, 5, {"train_loss/a": 0.5})
+    assert same(local.personalized_state(0, ctx.global_state), plus(select(INITIAL, [ENC, HEAD_A]), 10.0))
+
+
+def test_each_visit_continues_the_clients_own_model_and_no_one_elses() -> None:
+    local = make_local()
+    slice_ = select(INITIAL, [ENC, HEAD_A])
+    visit(local, client=0, round=1)
+    visit(local, client=1, round=2)
+    ctx0, _ = visit(local, client=0, round=3)
+    ctx1, _ = visit(local, client=1, round=4)
+    assert same(ctx0.fitted[0], plus(slice_, 10.0))  # client 0's round-1 model, not client 1's round-2 one
+    assert same(ctx1.fitted[0], plus(slice_, 21.0))
+    assert same(local.personalized_state(0, slice_), plus(slice_, 10.0 + 30.0))
+    assert same(local.personalized_state(1, slice_), plus(slice_, 21.0 + 41.0))
+
+
+def test_a_never_visited_client_is_evaluated_with_its_initial_slice() -> None:
+    local = make_local()
+    visit(local, client=0, round=1)
+    received = {c: {"w": torch.full((2,), -100.0)} for c in [ENC, HEAD_B]}
+    assert same(local.personalized_state(5, received), select(INITIAL, [ENC, HEAD_B]))
+
+
+def test_aggregation_returns_the_global_state_unchanged() -> None:
+    local = make_local()
+    global_state = clone(INITIAL)
+    _, update = visit(local, client=0, round=1)
+    assert local.aggregate(1, global_state, [update]) is global_state
+    assert same(global_state, INITIAL)
+
+
+def test_a_visit_that_trains_to_nan_fails_and_keeps_the_clients_model() -> None:
+    local = make_local()
+    visit(local, client=0, round=1)
+    with pytest.raises(FloatingPointError, match="non-finite values"):
+        visit(local, client=0, round=2, fit_value=float("nan"))
+    slice_ = select(INITIAL, [ENC, HEAD_A])
+    assert same(local.personalized_state(0, slice_), plus(slice_, 10.0))
+
+
+def test_state_dict_restores_every_local_model() -> None:
+    local = make_local()
+    visit(local, client=0, round=1)
+    visit(local, client=3, round=1)
+    restored = make_local()
+    restored.load_state_dict(local.state_dict())
+    for client in (0, 3, 4):
+        assert same(restored.personalized_state(client, INITIAL), local.personalized_state(client, INITIAL))
+
+
+# -- through the CLI --------------------------------------------------------------------------------------------
+
+CLIENT_TASKS = {"0": ["sentiment"], "1": ["shapes"], "2": ["sentiment", "shapes"], "3": ["sentiment", "shapes"]}
+ROUNDS = 3  # seed 0 samples clients [1, 3], [0, 2], [1, 3]: clients 1 and 3 train twice
+
+
+def run(run_dir: Path, assets: dict[str, Path], rounds: int, *args: str) -> Path:
+    return fit_tiny(run_dir, assets, "--algorithm", "Local", *args, rounds=rounds, finetune_steps=2)
+
+
+def algorithm_state(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    return torch.load(run_dir / "checkpoints" / checkpoint / "state.pt", weights_only=True)["algorithm"]
+
+
+def server_state(run_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / checkpoint / "server.safetensors")
+
+
+def same_flat(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@dataclass
+class LocalRun:
+    """A finished run, the engine that ran it and its global state when ``fit`` began."""
+
+    run_dir: Path
+    orchestrator: FederatedOrchestrator
+    initial: ComponentState
+
+
+@pytest.fixture(scope="module")
+def local_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> LocalRun:
+    started: list[tuple[FederatedOrchestrator, ComponentState]] = []
+    fit = FederatedOrchestrator.fit
+
+    def recording_fit(self: FederatedOrchestrator, ckpt_path: str | None = None) -> dict[str, Any]:
+        started.append((self, clone(self.global_state)))
+        return fit(self, ckpt_path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FederatedOrchestrator, "fit", recording_fit)
+        run_dir = run(tmp_path_factory.mktemp("local") / "run", assets, ROUNDS)
+    [(orchestrator, initial)] = started
+    return LocalRun(run_dir, orchestrator, initial)
+
+
+def test_the_global_model_never_changes(local_run: LocalRun) -> None:
+    initial = flatten(local_run.initial)
+    for checkpoint in [f"round-{r:06d}" for r in range(1, ROUNDS + 1)] + ["final"]:
+        assert same_flat(server_state(local_run.run_dir, checkpoint), initial), checkpoint
+
+
+def test_nothing_is_uploaded(local_run: LocalRun) -> None:
+    rounds = records(local_run.run_dir)
+    assert [r["sampled_clients"] for r in rounds] == [[1, 3], [0, 2], [1, 3]]
+    for record in rounds:
+        assert record["bytes_up"] == 0
+        assert record["failed_clients"] == {}
+        assert set(record["train"]) == {str(c) for c in record["sampled_clients"]}
+        for client, metrics in record["train"].items():
+            assert set(metrics) == {f"train_loss/{task}" for task in CLIENT_TASKS[client]}
+
+
+def test_results_report_only_the_local_models(local_run: LocalRun) -> None:
+    final = results(local_run.run_dir)
+    assert final["algorithm"] == "Local"
+    assert set(final["models"]) == {"personalized"}
+    assert final["models"]["personalized"]["label"] == "Local"
+    assert set(final["per_client"]) == set(final["summary"]) == {"personalized"}
+    assert set(final["per_client"]["personalized"]) == {"0", "1", "2", "3"}
+    assert "| Local |" in (local_run.run_dir / "results.md").read_text()
+    # No global model, so no fine-tuned "+FT" model after the rounds either.
+    assert all("finetune_loss" not in r for r in records(local_run.run_dir, "post_federation.jsonl"))
+
+
+def test_a_local_model_after_two_visits_continues_its_own_training(local_run: LocalRun) -> None:
+    engine = local_run.orchestrator
+
+    def initial(client: int) -> ComponentState:
+        return clone(select(local_run.initial, engine.slices[client]))
+
+    def fit(client: int, round: int, state: ComponentState) -> ComponentState:
+        """The client's fit of ``round`` (the engine's visit seeds), started from ``state``."""
+        return ClientContext(engine, engine.client(client), round, initial(client)).fit(state).state
+
+    saved = algorithm_state(local_run.run_dir, f"round-{ROUNDS:06d}")["local"]
+    assert set(saved) == {"0", "1", "2", "3"}
+    # Client 3 trained in rounds 1 and 3; client 2, with the same slice, in round 2 only.
+    expected = fit(3, 3, fit(3, 1, initial(3)))
+    assert same(saved["3"], expected)
+    assert same(saved["2"], fit(2, 2, initial(2)))
+    # The check tells apart restarting from the initial slice and continuing client 2's model.
+    assert not same(expected, fit(3, 3, initial(3)))
+    assert not same(expected, fit(3, 3, saved["2"]))
+
+
+def test_resume_from_two_rounds_to_three_equals_the_uninterrupted_run(
+    assets: dict[str, Path], tmp_path: Path, local_run: LocalRun
+) -> None:
+    uninterrupted_dir = local_run.run_dir
+    run_dir = run(tmp_path / "run", assets, 2)
+    assert set(algorithm_state(run_dir, "final")["local"]) == {"0", "1", "2", "3"}
+    run(run_dir, assets, ROUNDS, "--ckpt_path", "last")
+
+    for checkpoint in (f"round-{ROUNDS:06d}", "final"):
+        assert same_flat(server_state(run_dir, checkpoint), server_state(uninterrupted_dir, checkpoint))
+        resumed = algorithm_state(run_dir, checkpoint)
+        uninterrupted = algorithm_state(uninterrupted_dir, checkpoint)
+        assert resumed.keys() == uninterrupted.keys() == {"local"}
+        assert resumed["local"].keys() == uninterrupted["local"].keys()
+        for client, state in uninterrupted["local"].items():
+            assert same(resumed["local"][client], state), (checkpoint, client)
+    assert records(run_dir) == records(uninterrupted_dir)
+    assert records(run_dir, "post_federation.jsonl") == records(uninterrupted_dir, "post_federation.jsonl")
+    assert results(run_dir) == results(uninterrupted_dir)
