@@ -14,7 +14,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,9 @@ class FederationConfig:
             this many consecutive evaluations, every task's loss changed by less than ``plateau_tolerance``
             (relative to the previous evaluation); the post-federation stage then runs. 0: run every round.
         plateau_tolerance: The relative change below which a task's validation loss counts as stable.
+        holdout_clients: Ids of clients that never take part in the rounds: they are evaluated like every
+            client (and fine-tuned after the rounds) to measure generalization to clients the federation never
+            trained on; summaries cover the participating clients and, separately, the held-out ones.
     """
 
     rounds: int = 10
@@ -94,6 +97,7 @@ class FederationConfig:
     finetune_lr: float = 1e-4
     plateau_window: int = 0
     plateau_tolerance: float = 0.01
+    holdout_clients: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "eval_every", "checkpoint_every"):
@@ -175,7 +179,14 @@ class FederatedOrchestrator:
         if missing:
             raise ValueError(f"The model has no heads for tasks {missing}: build it with the data's tasks.")
         # Fails fast: a resume must not rewrite the run directory for a sampling setting that cannot run.
-        self.config.num_sampled(data.num_clients)
+        unknown = sorted(set(self.config.holdout_clients) - {c.id for c in data.clients})
+        if unknown:
+            raise ValueError(f"federation.holdout_clients names unknown clients {unknown}")
+        #: The clients that take part in the rounds (every client but the held-out ones).
+        self.participants = [c.id for c in data.clients if c.id not in set(self.config.holdout_clients)]
+        if not self.participants:
+            raise ValueError("federation.holdout_clients holds every client: none is left to train")
+        self.config.num_sampled(len(self.participants))
         self.collate = MultiTaskCollator(data.tasks, model.preprocessors)
         self.slices = {c.id: model.components_for(c.tasks) for c in data.clients}
         self.global_state: ComponentState = model.get_state()
@@ -379,10 +390,12 @@ class FederatedOrchestrator:
     # -- the round ----------------------------------------------------------------------------------------
 
     def sample_clients(self, round: int) -> list[int]:
-        """The clients of ``round``: a function of ``(seed, round)`` only, identical on every rank."""
-        k = self.config.num_sampled(self.data.num_clients)
+        """The clients of ``round`` among the participants: a function of ``(seed, round)`` only, identical on
+        every rank."""
+        k = self.config.num_sampled(len(self.participants))
         rng = np.random.default_rng([self.config.seed, round])
-        return sorted(int(c) for c in rng.choice(self.data.num_clients, size=k, replace=False))
+        picked = rng.choice(len(self.participants), size=k, replace=False)
+        return sorted(self.participants[int(i)] for i in picked)
 
     def _run_round(self, round: int) -> None:
         started = time.perf_counter()
@@ -434,16 +447,9 @@ class FederatedOrchestrator:
             record["events"] = events
         if round % self.config.eval_every == 0 or round == self.config.rounds:
             record["eval"] = self._evaluate_all("val")
-            record["summary"] = {
-                model: summarize(per_client, self.data.tasks) for model, per_client in record["eval"].items()
-            }
-            record["summary_task_type"] = {
-                model: {
-                    group: {metric: d["weighted_mean"] for metric, d in per_metric.items()}
-                    for group, per_metric in summarize_distribution(per_client, self.data.tasks, "task_type").items()
-                }
-                for model, per_client in record["eval"].items()
-            }
+            record.update(self._summaries(self._of_clients(record["eval"], self.participants)))
+            if self.config.holdout_clients:
+                record["held_out"] = self._summaries(self._of_clients(record["eval"], self.config.holdout_clients))
             reference = record["summary"].get("global", record["summary"]["personalized"])
             losses = {task: values["loss"] for task, values in reference.items()}
             if self.plateau.update(round, losses):
@@ -514,6 +520,33 @@ class FederatedOrchestrator:
                 results.setdefault(model, {})[str(client.id)] = evaluated[id(state)]
         return results
 
+    @staticmethod
+    def _of_clients(evaluation: dict[str, dict[str, Any]], clients: Sequence[int]) -> dict[str, dict[str, Any]]:
+        """``evaluation`` (model -> client -> ...) restricted to ``clients``."""
+        wanted = {str(c) for c in clients}
+        return {model: {c: v for c, v in per_client.items() if c in wanted} for model, per_client in evaluation.items()}
+
+    def _summaries(self, evaluation: dict[str, dict[str, Any]], distribution: bool = False) -> dict[str, Any]:
+        """Across the clients of ``evaluation``: per task and per task type sample-weighted means, and with
+        ``distribution`` the statistics of every metric over clients per task, task type and pair."""
+        tasks = self.data.tasks
+        summaries: dict[str, Any] = {
+            "summary": {model: summarize(per_client, tasks) for model, per_client in evaluation.items()},
+            "summary_task_type": {
+                model: {
+                    group: {metric: d["weighted_mean"] for metric, d in per_metric.items()}
+                    for group, per_metric in summarize_distribution(per_client, tasks, "task_type").items()
+                }
+                for model, per_client in evaluation.items()
+            },
+        }
+        if distribution:
+            summaries["distribution"] = {
+                by: {model: summarize_distribution(per_client, tasks, by) for model, per_client in evaluation.items()}
+                for by in ("task", "task_type", "pair")
+            }
+        return summaries
+
     def _keep_examples(self, model: str, client: int) -> None:
         if self.last_examples:
             self.examples.setdefault(model, {})[str(client)] = self.last_examples
@@ -536,16 +569,12 @@ class FederatedOrchestrator:
             },
             "models": self.models(),
             "per_client": evaluation,
-            "summary": {model: summarize(per_client, self.data.tasks) for model, per_client in evaluation.items()},
-            "distribution": {
-                by: {
-                    model: summarize_distribution(per_client, self.data.tasks, by)
-                    for model, per_client in evaluation.items()
-                }
-                for by in ("task", "task_type", "pair")
-            },
+            **self._summaries(self._of_clients(evaluation, self.participants), distribution=True),
             "examples": self.examples,
         }
+        if self.config.holdout_clients:
+            held_out = self._of_clients(evaluation, self.config.holdout_clients)
+            results["held_out"] = {"clients": sorted(self.config.holdout_clients), **self._summaries(held_out, True)}
         self._rank_zero(self.run_dir.write_json, "results.json", results)
         self._rank_zero(self.run_dir.write_text, "results.md", results_table(results, self.data))
         return results

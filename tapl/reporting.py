@@ -165,6 +165,23 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
                 lines.append(
                     f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
                 )
+    held_out = results.get("held_out")
+    if held_out:
+        lines += [
+            "",
+            f"## Held-out clients {held_out['clients']} (never trained on; sample-weighted mean)",
+            "",
+            "The summaries above cover the participating clients only.",
+            "",
+            "| task | model | clients | " + " | ".join(columns) + " |",
+            "|---|---|---|" + "---|" * len(columns),
+        ]
+        for task in data.tasks:
+            for model, per_task in held_out["summary"].items():
+                if task in per_task:
+                    lines.append(
+                        f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
+                    )
     primary = {task.type: task.task_type.primary_metric for task in data.tasks.values()}
     primary.update({task.pair: task.task_type.primary_metric for task in data.tasks.values()})
     for by, title in (("task_type", "task type"), ("pair", "modality-task pair")):

@@ -117,3 +117,33 @@ def test_more_rounds_cannot_follow_a_post_federation_checkpoint(assets: dict[str
     assert orchestrator is not None
     with pytest.raises(RunDirError, match="round-000001"):
         orchestrator.fit(str(run_dir / "checkpoints" / "final"))
+
+
+def test_held_out_clients_never_train_and_are_summarized_apart(assets: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = run(tmp_path / "run", assets, rounds=4, eval_every=2, holdout_clients=[3])
+    records = jsonl(run_dir / "metrics.jsonl")
+    assert all(3 not in r["sampled_clients"] and len(r["sampled_clients"]) == 2 for r in records)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["per_client"]["global"]) == {"0", "1", "2", "3"}  # every client is evaluated
+    # Participating summaries: clients 0, 2 hold sentiment; held-out: client 3 alone.
+    assert results["summary"]["global"]["sentiment"]["clients"] == 2
+    held_out = results["held_out"]
+    assert held_out["clients"] == [3]
+    assert held_out["summary"]["global"]["sentiment"]["clients"] == 1
+    assert (
+        held_out["summary"]["global"]["sentiment"]["accuracy"]
+        == results["per_client"]["global"]["3"]["sentiment"]["accuracy"]
+    )
+    assert held_out["distribution"]["task_type"]["global"]["classification"]["accuracy"]["values"] == 2
+    assert "held_out" in records[-1] and records[-1]["summary"]["global"]["shapes"]["clients"] == 2
+    assert "## Held-out clients [3]" in (run_dir / "results.md").read_text()
+    # After the rounds a held-out client is fine-tuned like the others.
+    assert [r["client"] for r in jsonl(run_dir / "post_federation.jsonl")] == [0, 1, 2, 3]
+
+
+def test_holdout_must_name_known_clients_and_leave_some(assets: dict[str, Path], tmp_path: Path) -> None:
+    for holdout, message in (([7], "unknown clients"), ([0, 1, 2, 3], "none is left")):
+        config = tmp_path / f"{holdout[0]}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config(assets, tmp_path / "run", holdout_clients=holdout)))
+        with pytest.raises(ValueError, match=message):
+            TaplCLI(args=["--config", str(config)], run=False)
