@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Any
 
 from jsonargparse import lazy_instance
@@ -125,6 +126,13 @@ def _task_list(data: FederatedDataModule) -> list:
     return data.task_list
 
 
+def _fit_in_process(args: list[str]) -> None:
+    """One ``tapl fit`` of ``tapl compare``, in this process (its own arguments replace the command line's)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+        TaplCLI(args=args)
+
+
 def _configure_logging() -> None:
     handler = RichHandler(show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
@@ -137,9 +145,9 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if argv[:1] == ["compare"]:
-            compare(argv[1:], fit=lambda fit_args: TaplCLI(args=fit_args))
+            compare(argv[1:], fit=_fit_in_process)
         else:
-            TaplCLI(args=argv)
+            TaplCLI(args=args)
     except (RunDirError, FederationError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"tapl: error: {error}\n")
         raise SystemExit(1) from None

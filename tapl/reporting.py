@@ -152,36 +152,25 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
                     lines.append(
                         f"| {client.id} | {task} | {labels[model]} | {int(values['samples'])} | {cells(values)} |"
                     )
-    lines += [
-        "",
-        "## Across clients (sample-weighted mean)",
-        "",
-        "| task | model | clients | " + " | ".join(columns) + " |",
-        "|---|---|---|" + "---|" * len(columns),
-    ]
-    for task in data.tasks:
-        for model, per_task in results["summary"].items():
-            if task in per_task:
-                lines.append(
-                    f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
-                )
+
+    def summary_table(title: str, summary: Mapping[str, Mapping[str, Mapping[str, float]]], note: str) -> list[str]:
+        rows = [
+            f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
+            for task in data.tasks
+            for model, per_task in summary.items()
+            if task in per_task
+        ]
+        header = ["| task | model | clients | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+        return ["", title, "", *([note, ""] if note else []), *header, *rows]
+
+    lines += summary_table("## Across clients (sample-weighted mean)", results["summary"], "")
     held_out = results.get("held_out")
     if held_out:
-        lines += [
-            "",
+        lines += summary_table(
             f"## Held-out clients {held_out['clients']} (never trained on; sample-weighted mean)",
-            "",
+            held_out["summary"],
             "The summaries above cover the participating clients only.",
-            "",
-            "| task | model | clients | " + " | ".join(columns) + " |",
-            "|---|---|---|" + "---|" * len(columns),
-        ]
-        for task in data.tasks:
-            for model, per_task in held_out["summary"].items():
-                if task in per_task:
-                    lines.append(
-                        f"| {task} | {labels[model]} | {int(per_task[task]['clients'])} | {cells(per_task[task])} |"
-                    )
+        )
     primary = {task.type: task.task_type.primary_metric for task in data.tasks.values()}
     primary.update({task.pair: task.task_type.primary_metric for task in data.tasks.values()})
     for by, title in (("task_type", "task type"), ("pair", "modality-task pair")):
