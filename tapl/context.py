@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -117,6 +117,7 @@ class ClientContext:
         module_class: Callable[..., ClientModule] = ClientModule,
         stream: int | None = None,
         trainable: Sequence[str] | None = None,
+        trainer_overrides: Mapping[str, Any] | None = None,
     ) -> FitResult:
         """Train ``state`` on this client's training data with one ``Trainer.fit``.
 
@@ -136,6 +137,8 @@ class ClientContext:
             trainable: Train only these components of ``state``; the others are loaded and stay frozen (e.g.
                 a local head over a shared body). Default: every component of ``state``. The result holds
                 every component of ``state``.
+            trainer_overrides: ``--trainer`` settings replaced for this fit (e.g. ``{"gradient_clip_val": None}``
+                for a module that clips its own gradients under manual optimization).
         """
         if stream is None:
             stream = self.new_stream()
@@ -150,6 +153,7 @@ class ClientContext:
             callbacks=callbacks,
             module_class=module_class,
             trainable=trainable,
+            trainer_overrides=trainer_overrides,
         )
 
     def evaluate(self, state: ComponentState, split: str = "val") -> dict[str, dict[str, float]]:

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -305,6 +305,7 @@ class FederatedOrchestrator:
         callbacks: Sequence[Callback] = (),
         module_class: Callable[..., ClientModule] = ClientModule,
         trainable: Sequence[str] | None = None,
+        trainer_overrides: Mapping[str, Any] | None = None,
     ) -> FitResult:
         """One ``Trainer.fit`` of ``state`` on ``client``'s training data (see :meth:`ClientContext.fit`)."""
         steps = steps or self.config.local_steps
@@ -326,7 +327,7 @@ class FederatedOrchestrator:
         )
         loader = self.data.train_dataloader(client.id, self.collate, seed)
         with quiet_lightning():
-            trainer = self.trainers.fit_trainer(steps, callbacks)
+            trainer = self.trainers.fit_trainer(steps, callbacks, trainer_overrides)
             trainer.fit(module, train_dataloaders=loader)
         return FitResult(self.model.get_state(components), module.train_loss(), trainer.global_step)
 
@@ -411,7 +412,8 @@ class FederatedOrchestrator:
             if progress:
                 progress.client_started(cid)
             global_slice = clone(select(self.global_state, self.slices[cid]))
-            bytes_down += num_bytes(global_slice)
+            if self.algorithm.downloads_global:
+                bytes_down += num_bytes(global_slice)
             self.client_records[cid]["visits"] += 1
             try:
                 update = self.algorithm.client_update(ClientContext(self, client, round, global_slice))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -95,12 +95,24 @@ class VisitTrainers:
         self.user_callbacks: list[Callback] = list(kwargs.pop("callbacks", None) or [])
         self.kwargs = kwargs
 
-    def fit_trainer(self, steps: int, callbacks: Sequence[Callback] = ()) -> Trainer:
-        """A trainer that runs exactly ``steps`` optimizer steps and no validation."""
+    def fit_trainer(
+        self, steps: int, callbacks: Sequence[Callback] = (), overrides: Mapping[str, Any] | None = None
+    ) -> Trainer:
+        """A trainer that runs exactly ``steps`` optimizer steps and no validation.
+
+        Args:
+            steps: Optimizer steps.
+            callbacks: Extra callbacks of this fit.
+            overrides: ``--trainer`` settings replaced for this fit only (e.g. ``gradient_clip_val: None`` for a
+                module that clips its own gradients under manual optimization).
+        """
         if steps < 1:
             raise ValueError(f"a client fit needs at least one step, got {steps}")
+        owned = sorted(set(overrides or {}) & {*_VISIT_OVERRIDES, *_FEDERATION_OWNED})
+        if owned:
+            raise ValueError(f"the federation sets {owned} of every fit; they cannot be overridden")
         return Trainer(
-            **self.kwargs,
+            **{**self.kwargs, **(overrides or {})},
             **_VISIT_OVERRIDES,
             max_steps=steps,
             max_epochs=-1,

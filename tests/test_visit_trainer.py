@@ -32,3 +32,13 @@ def test_bf16_on_cpu_warns(caplog: pytest.LogCaptureFixture) -> None:
 def test_a_fit_needs_a_step() -> None:
     with pytest.raises(ValueError, match="at least one step"):
         VisitTrainers().fit_trainer(0)
+
+
+def test_a_fit_may_override_user_settings_but_not_the_federations() -> None:
+    trainers = VisitTrainers({"accelerator": "cpu", "devices": 1, "gradient_clip_val": 2.0})
+    assert trainers.fit_trainer(3).gradient_clip_val == 2.0
+    overridden = trainers.fit_trainer(3, overrides={"gradient_clip_val": None})
+    assert overridden.gradient_clip_val is None and overridden.max_steps == 3
+    for owned in ({"logger": True}, {"max_steps": 10}):
+        with pytest.raises(ValueError, match="cannot be overridden"):
+            trainers.fit_trainer(3, overrides=owned)

@@ -43,6 +43,8 @@ class Algorithm:
     name: str = ""
     #: Whether the algorithm trains a global model (then the engine reports it and its "+FT" variant).
     has_global_model: ClassVar[bool] = True
+    #: Whether a visit receives the client's slice of the global model (counted in ``bytes_down``).
+    downloads_global: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.federation: FederatedOrchestrator | None = None

@@ -24,6 +24,7 @@ class Local(Algorithm):
     """
 
     has_global_model = False
+    downloads_global = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -187,6 +187,8 @@ class PerFedAvgModule(SGDModule):
         alpha: The inner step size.
         hessian_free: Use the Hessian-free outer step (3 batches) instead of the first-order one (2).
         losses: Filled in at the end of the fit.
+        gradient_clip: ``(value, algorithm)`` to clip each meta-gradient with before its step (Lightning's
+            ``clip_gradients``: ``"norm"`` or ``"value"``); ``None``: no clipping.
     """
 
     def __init__(
@@ -195,10 +197,12 @@ class PerFedAvgModule(SGDModule):
         alpha: float,
         hessian_free: bool = False,
         losses: AdaptationLosses | None = None,
+        gradient_clip: tuple[float, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
+        self.gradient_clip = gradient_clip
         self.alpha = alpha
         self.hessian_free = hessian_free
         self.batches_per_step = BATCHES_PER_STEP["hessian_free" if hessian_free else "first_order"]
@@ -242,6 +246,9 @@ class PerFedAvgModule(SGDModule):
         optimizer = self.optimizers()
         for p, g in zip(params, result.gradient, strict=True):
             p.grad = g
+        if self.gradient_clip is not None:
+            value, algorithm = self.gradient_clip
+            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses = torch.stack([result.inner_loss.double(), result.outer_loss.double()])
@@ -264,9 +271,10 @@ class PerFedAvg(FedAvg):
     (first-order) or 3 (Hessian-free) batches of ``data.batch_size`` rows; the server averages like FedAvg.
     The meta-steps and the adaptation are plain SGD at ``alpha`` and ``beta``: ``--optimizer`` applies only to
     the engine's "+FT" fine-tuning, and ``federation.warmup_rounds`` does not apply. A meta-step computes its
-    own gradients, so Lightning cannot clip or accumulate them: ``--trainer.gradient_clip_val``,
-    ``--trainer.accumulate_grad_batches`` other than 1 and fp16 mixed precision (``16-mixed``, whose gradient
-    scaler the meta-gradient bypasses) are refused; ``32-true`` and ``bf16-mixed`` work. The Hessian-free
+    own gradients: it clips its meta-gradient with ``--trainer.gradient_clip_val`` (and
+    ``gradient_clip_algorithm``) itself, while ``--trainer.accumulate_grad_batches`` other than 1 and fp16
+    mixed precision (``16-mixed``, whose gradient scaler the meta-gradient bypasses) are refused; ``32-true``
+    and ``bf16-mixed`` work. The Hessian-free
     variant runs its third batch's attention on PyTorch's math kernel (differentiable twice; slower and larger
     than the fused kernels).
 
@@ -303,6 +311,7 @@ class PerFedAvg(FedAvg):
         self.beta = beta
         self.variant = variant
         self.adapt_steps = adapt_steps
+        self._gradient_clip: tuple[float, str] | None = None
 
     # -- names --------------------------------------------------------------------------------------------
 
@@ -331,11 +340,9 @@ class PerFedAvg(FedAvg):
     def setup(self, federation: FederatedOrchestrator) -> None:
         super().setup(federation)
         trainer = federation.trainers.kwargs
-        if trainer.get("gradient_clip_val"):
-            raise ValueError(
-                f"{self.label} computes its meta-gradients itself, which Lightning cannot clip: remove "
-                f"--trainer.gradient_clip_val {trainer['gradient_clip_val']} (or set it to null)."
-            )
+        # Lightning cannot clip under manual optimization: the meta-step clips its own meta-gradient.
+        clip = trainer.get("gradient_clip_val")
+        self._gradient_clip = (float(clip), trainer.get("gradient_clip_algorithm") or "norm") if clip else None
         if trainer.get("accumulate_grad_batches", 1) not in (None, 1):
             raise ValueError(
                 f"{self.label} computes its meta-gradients itself, which Lightning cannot accumulate: set "
@@ -355,8 +362,15 @@ class PerFedAvg(FedAvg):
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
         losses = AdaptationLosses()
-        module = partial(PerFedAvgModule, alpha=self.alpha, hessian_free=self.variant == "hessian_free", losses=losses)
-        result = ctx.fit(ctx.global_state, lr=self.beta, module_class=module)
+        module = partial(
+            PerFedAvgModule,
+            alpha=self.alpha,
+            hessian_free=self.variant == "hessian_free",
+            losses=losses,
+            gradient_clip=self._gradient_clip,
+        )
+        no_clipping = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
+        result = ctx.fit(ctx.global_state, lr=self.beta, module_class=module, trainer_overrides=no_clipping)
         metrics = {f"train_loss/{task}": loss for task, loss in result.train_loss.items()}
         metrics["loss_before_adaptation"] = losses.before
         metrics["loss_after_adaptation"] = losses.after

@@ -185,11 +185,11 @@ def test_the_global_model_never_changes(local_run: LocalRun) -> None:
         assert same_flat(server_state(local_run.run_dir, checkpoint), initial), checkpoint
 
 
-def test_nothing_is_uploaded(local_run: LocalRun) -> None:
+def test_nothing_is_uploaded_or_downloaded(local_run: LocalRun) -> None:
     rounds = records(local_run.run_dir)
     assert [r["sampled_clients"] for r in rounds] == [[1, 3], [0, 2], [1, 3]]
     for record in rounds:
-        assert record["bytes_up"] == 0
+        assert record["bytes_up"] == 0 and record["bytes_down"] == 0
         assert record["failed_clients"] == {}
         assert set(record["train"]) == {str(c) for c in record["sampled_clients"]}
         for client, metrics in record["train"].items():

@@ -313,7 +313,6 @@ def fake_federation(**trainer: Any) -> Any:
 @pytest.mark.parametrize(
     ("setting", "named"),
     [
-        ({"gradient_clip_val": 1.0}, "gradient_clip_val"),
         ({"accumulate_grad_batches": 4}, "accumulate_grad_batches"),
         ({"precision": "16-mixed"}, "16-mixed"),
     ],
@@ -332,15 +331,61 @@ def write_config(assets: dict[str, Path], run_dir: Path, **federation: Any) -> P
     return write_tiny_config(assets, run_dir, **federation)
 
 
-def test_cli_refuses_gradient_clipping_before_training(
+def test_cli_refuses_gradient_accumulation_before_training(
     assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_config(assets, tmp_path / "run")
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--algorithm", "PerFedAvg", "--trainer.gradient_clip_val", "1.0"])
+        main(["fit", "--config", str(config), "--algorithm", "PerFedAvg", "--trainer.accumulate_grad_batches", "2"])
     assert exit_info.value.code == 1
-    assert "gradient_clip_val" in capsys.readouterr().err
+    assert "accumulate_grad_batches" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_a_meta_step_clips_its_meta_gradient_with_the_trainer_setting(model: FoundationModel, algorithm: str) -> None:
+    alpha, beta, clip = 0.2, 0.1, 1e-3
+    components = model.component_names()
+    start = random_state(model, 1)
+    batches = make_batches(model)[:2]
+
+    model.train()
+    model.load_state(start)
+    params = model.parameters_of(components)
+    scratch = ClientModule(model, TASKS, components, torch.optim.SGD)
+    result = meta_gradient(
+        params, lambda: scratch.training_step(batches[0], 0), lambda: scratch.training_step(batches[1], 0), alpha
+    )
+    gradients = [g.clone() for g in result.gradient]
+    if algorithm == "norm":
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in gradients))
+        assert norm > clip  # the clipping bites
+        gradients = [g * (clip / (float(norm) + 1e-6)) for g in gradients]
+    else:
+        gradients = [g.clamp(-clip, clip) for g in gradients]
+    expected = [p.detach() - beta * g for p, g in zip(params, gradients, strict=True)]
+
+    model.load_state(start)
+    module = PerFedAvgModule(
+        model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, gradient_clip=(clip, algorithm)
+    )
+    trainers = VisitTrainers({"accelerator": "cpu", "devices": 1, "gradient_clip_val": 5.0})
+    no_clipping = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
+    trainer = trainers.fit_trainer(1, overrides=no_clipping)
+    with quiet_lightning():
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    for p, want in zip(model.parameters_of(components), expected, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_algorithm_takes_its_clipping_from_the_trainer_settings() -> None:
+    algorithm = PerFedAvg()
+    algorithm.setup(fake_federation(gradient_clip_val=0.5, gradient_clip_algorithm="value"))
+    assert algorithm._gradient_clip == (0.5, "value")
+    algorithm.setup(fake_federation(gradient_clip_val=1.0))
+    assert algorithm._gradient_clip == (1.0, "norm")
+    algorithm.setup(fake_federation())
+    assert algorithm._gradient_clip is None
 
 
 @pytest.fixture
