@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.text import Perplexity, ROUGEScore
 
 from tapl.heads import ImageDecoder, ParallelTextDecoder, mlp
+from tapl.text_metrics import BERTScoreF1, Meteor, bertscore_model, wordnet
 
 
 def softened_kl(outputs: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -187,18 +188,34 @@ class TextGeneration(TaskType):
     Metrics: perplexity and token accuracy over the target tokens, the end token included; and, on the
     generated text (greedy tokens up to the first end token) against the target text (its tokens without the
     end token), per sample and averaged: ``token_f1``, the F1 of the two bags of tokens (SQuAD-style), and
-    ``rouge_l``, the ROUGE-L F-measure (longest common token subsequence, torchmetrics). :meth:`decode` turns
-    outputs back into text for inspection.
+    ``rouge_l``, the ROUGE-L F-measure (longest common token subsequence, torchmetrics). Optional, on the
+    decoded texts: ``bertscore_f1`` (torchmetrics' BERTScore with ``task.bertscore_model``) and ``meteor``
+    (NLTK, with WordNet), see :mod:`tapl.text_metrics`. :meth:`decode` turns outputs back into text for
+    inspection.
     """
 
     name = "text_generation"
     primary_metric = "perplexity"
-    higher_is_better = {"perplexity": False, "token_accuracy": True, "token_f1": True, "rouge_l": True}
+    higher_is_better = {
+        "perplexity": False,
+        "token_accuracy": True,
+        "token_f1": True,
+        "rouge_l": True,
+        "bertscore_f1": True,
+        "meteor": True,
+    }
     ignore_index = -100
 
     def validate(self, task: Task) -> None:
         if task.target_length < 1:
             raise ValueError(f"Task {task.name!r}: text_generation needs target_length >= 1.")
+        try:  # load what the optional metrics need now, so that a missing model or corpus fails before training
+            if task.bertscore_model is not None:
+                bertscore_model(task.bertscore_model)
+            if task.meteor:
+                wordnet()
+        except ValueError as error:
+            raise ValueError(f"Task {task.name!r}: {error}") from error
 
     def build_head(self, in_features: int, task: Task, context: HeadContext) -> nn.Module:
         if context.text_embeddings is None or "text" not in context.preprocessors:
@@ -217,15 +234,17 @@ class TextGeneration(TaskType):
         return softened_kl(outputs, teacher, temperature)[real].sum() / real.sum().clamp_min(1)
 
     def metrics(self, task: Task) -> MetricCollection:
-        return MetricCollection(
-            {
-                "perplexity": Perplexity(ignore_index=self.ignore_index),
-                "token_accuracy": MeanMetric(),
-                "token_f1": MeanMetric(),
-                "rouge_l": RougeL(),
-            },
-            compute_groups=False,
-        )
+        metrics = {
+            "perplexity": Perplexity(ignore_index=self.ignore_index),
+            "token_accuracy": MeanMetric(),
+            "token_f1": MeanMetric(),
+            "rouge_l": RougeL(),
+        }
+        if task.bertscore_model is not None:
+            metrics["bertscore_f1"] = BERTScoreF1(task.bertscore_model)
+        if task.meteor:
+            metrics["meteor"] = Meteor()
+        return MetricCollection(metrics, compute_groups=False)
 
     def update_metrics(self, metrics: MetricCollection, outputs: Tensor, targets: Tensor, context: HeadContext) -> None:
         metrics["perplexity"].update(outputs.float(), targets)
@@ -238,6 +257,11 @@ class TextGeneration(TaskType):
         metrics["token_f1"].update(torch.tensor([token_f1(p, w) for p, w in zip(predicted, wanted, strict=True)]))
         # ROUGE-L over token ids: each id is one "word", so no text normalisation changes the tokens.
         metrics["rouge_l"].update([" ".join(map(str, p)) for p in predicted], [" ".join(map(str, w)) for w in wanted])
+        on_text = [name for name in ("bertscore_f1", "meteor") if name in metrics]
+        if on_text:
+            texts = self._texts(outputs.argmax(-1), context), self._texts(targets, context)
+            for name in on_text:
+                metrics[name].update(*texts)
 
     def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         tokenizer = context.preprocessors["text"].tokenizer
@@ -313,6 +337,8 @@ class Task:
         target_length: Target tokens decoded (text generation).
         head_hidden: Hidden width of the head's MLP; ``None`` uses the encoder width.
         head_dropout: Dropout inside the head.
+        bertscore_model: Adds the ``bertscore_f1`` metric (text generation), with this model's embeddings.
+        meteor: Adds the ``meteor`` metric (text generation; needs NLTK and its WordNet data).
     """
 
     name: str
@@ -322,6 +348,8 @@ class Task:
     target_length: int = 16
     head_hidden: int | None = None
     head_dropout: float = 0.1
+    bertscore_model: str | None = None
+    meteor: bool = False
     _type: TaskType = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -331,6 +359,11 @@ class Task:
             raise ValueError(f"Task {self.name!r}: declare at least one modality.")
         object.__setattr__(self, "modalities", tuple(self.modalities))
         object.__setattr__(self, "_type", TaskType.get(self.type))
+        if (self.bertscore_model is not None or self.meteor) and self.type != TextGeneration.name:
+            raise ValueError(
+                f"Task {self.name!r}: bertscore_model and meteor score generated text; they need "
+                f"type text_generation, not {self.type!r}."
+            )
         self._type.validate(self)
 
     @property

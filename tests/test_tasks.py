@@ -169,6 +169,7 @@ def test_a_federation_trains_all_three_task_types(assets, tmp_path: Path, monkey
             "target_length": 4,
             "dataset": "parquet",
             "data_files": str(assets["text"]),
+            "bertscore_model": str(assets["bert"]),
         },
     ]
     config["data"]["clients"] = [{"tasks": ["sentiment", "recon"], "count": 2}, {"tasks": ["shapes", "answer"]}]
@@ -178,7 +179,8 @@ def test_a_federation_trains_all_three_task_types(assets, tmp_path: Path, monkey
     main(["fit", "--config", str(path)])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     summary = records[-1]["summary"]["global"]
-    assert {"mse", "loss"} <= set(summary["recon"]) and {"perplexity", "token_accuracy"} <= set(summary["answer"])
+    assert {"mse", "loss"} <= set(summary["recon"])
+    assert {"perplexity", "token_accuracy", "bertscore_f1"} <= set(summary["answer"])
     assert all(math.isfinite(v) for task in summary.values() for v in task.values())
     assert set(records[-1]["train"]["2"]) == {"train_loss/shapes", "train_loss/answer"}
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -115,6 +115,11 @@ class TaskData:
         val_fraction: Share of the pool held out for validation.
         test_fraction: Share of the pool held out for testing.
         head_hidden: Hidden width of the task head (``None``: the encoder width).
+        bertscore_model: Text generation: also score the generated text with BERTScore F1 (``bertscore_f1``),
+            embedding with this model (hub name, local directory or ``package:MODULE/SUBDIR``; its last
+            layer, no idf weighting). ``None``: no BERTScore.
+        meteor: Text generation: also score the generated text with METEOR (``meteor``, NLTK's, with
+            WordNet synonyms). Needs ``pip install 'tapl[metrics]'`` and NLTK's WordNet data.
     """
 
     name: str
@@ -132,6 +137,8 @@ class TaskData:
     test_fraction: float = 0.15
     head_hidden: int | None = None
     target_template: str | None = None
+    bertscore_model: str | None = None
+    meteor: bool = False
 
     def __post_init__(self) -> None:
         if self.target_template is not None:
@@ -174,6 +181,8 @@ class TaskData:
             num_classes=self.num_classes,
             target_length=self.target_length,
             head_hidden=self.head_hidden,
+            bertscore_model=self.bertscore_model,
+            meteor=self.meteor,
         )
 
 
