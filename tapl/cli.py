@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from typing_extensions import override
 
 from tapl.algorithms import Algorithm, FedAvg
-from tapl.compare import compare
+from tapl.compare import CompareError, compare
 from tapl.components import ComponentMismatchError
 from tapl.datamodules.federated import FederatedDataModule
 from tapl.federation import FederatedOrchestrator, FederationConfig, FederationError
@@ -148,7 +148,7 @@ def main(args: list[str] | None = None) -> None:
             compare(argv[1:], fit=_fit_in_process)
         else:
             TaplCLI(args=args)
-    except (RunDirError, FederationError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
+    except (CompareError, RunDirError, FederationError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"tapl: error: {error}\n")
         raise SystemExit(1) from None
 

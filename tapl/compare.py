@@ -3,6 +3,7 @@
 Every run is an ordinary ``tapl fit`` in ``RUN_DIR/<algorithm>/seed-<seed>`` with the same configuration and
 overrides, only ``--algorithm`` and ``--federation.seed`` differing. A finished run is read, not re-run, and
 an unfinished one resumes, so re-running the command completes a comparison and reproduces its table.
+``--jobs N`` runs N of them at once, each in its own process with its share of the CPU threads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import inspect
 import io
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list
     parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. FedAvg,FedProx,PerFedAvg,TAP")
     parser.add_argument("--seeds", default="0", help="comma-separated federation seeds, e.g. 0,1,2")
     parser.add_argument("--run_dir", default="runs/compare", help="one sub-directory per algorithm and seed")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process with cores/jobs CPU threads and its output in "
+        "RUN_DIR/<algorithm>/seed-<seed>.log (default 1: one after another, in this process)",
+    )
     own, rest = parser.parse_known_args(list(argv))
     overrides: list[str] = []
     fit_args: list[str] = []
@@ -64,6 +77,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list
         parser.error(f"--seeds must be comma-separated integers, got {own.seeds!r}")
     if not own.algorithms or not own.seeds:
         parser.error("give at least one algorithm and one seed")
+    if own.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {own.jobs}")
     return own, overrides, fit_args
 
 
@@ -95,6 +110,10 @@ def check_overrides(algorithms: Sequence[str], overrides: Sequence[str]) -> None
             raise ValueError(f"{flag} is an argument of none of {list(algorithms)}")
 
 
+class CompareError(RuntimeError):
+    """Some runs of a comparison failed."""
+
+
 def run_all(
     algorithms: Sequence[str],
     seeds: Sequence[int],
@@ -102,10 +121,15 @@ def run_all(
     overrides: Sequence[str],
     fit_args: Sequence[str],
     fit: Callable[[list[str]], None],
+    jobs: int = 1,
 ) -> dict[tuple[str, int], Path]:
-    """Run (or resume, or reuse) every algorithm and seed; return each run's directory."""
+    """Run (or resume, or reuse) every algorithm and seed; return each run's directory.
+
+    With ``jobs`` > 1 the runs go to :func:`run_in_processes`; otherwise ``fit`` runs them one by one.
+    """
     check_overrides(algorithms, overrides)
     runs: dict[tuple[str, int], Path] = {}
+    pending: dict[tuple[str, int], list[str]] = {}
     for algorithm in algorithms:
         for seed in seeds:
             directory = run_dir / algorithm.rsplit(".", 1)[-1] / f"seed-{seed}"
@@ -126,9 +150,59 @@ def run_all(
             ]
             if RunDirectory(directory).holds_run():
                 args += ["--ckpt_path", "last"]
-            print(f"compare: {algorithm} seed {seed} -> {directory}")
+            pending[(algorithm, seed)] = args
+    if jobs > 1:
+        run_in_processes(pending, {key: runs[key] for key in pending}, jobs)
+    else:
+        for (algorithm, seed), args in pending.items():
+            print(f"compare: {algorithm} seed {seed} -> {runs[(algorithm, seed)]}")
             fit(args)
     return runs
+
+
+def run_in_processes(
+    pending: Mapping[tuple[str, int], list[str]], directories: Mapping[tuple[str, int], Path], jobs: int
+) -> None:
+    """Run ``tapl fit`` with each of ``pending``'s arguments in its own process, ``jobs`` at a time.
+
+    Each process gets ``cores // jobs`` CPU threads (``OMP_NUM_THREADS``, unless set already) and writes its
+    output to ``<run directory>.log``. Every run is let finish; then failures are raised together.
+
+    Raises:
+        CompareError: naming each run that failed and its log.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+
+    def launch(key: tuple[str, int]) -> tuple[tuple[str, int], int, float, Path]:
+        directory = directories[key]
+        log = directory.with_name(f"{directory.name}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"compare: {key[0]} seed {key[1]} -> {directory} (log: {log})", flush=True)
+        start = time.perf_counter()
+        command = [
+            sys.executable,
+            "-m",
+            "tapl.cli",
+            pending[key][0],
+            "--federation.progress",
+            "false",
+            *pending[key][1:],
+        ]
+        with log.open("a") as out:
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        seconds = time.perf_counter() - start
+        print(
+            f"compare: {key[0]} seed {key[1]}: {'done' if code == 0 else f'failed (exit {code})'} in {seconds:.0f} s",
+            flush=True,
+        )
+        return key, code, seconds, log
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        outcomes = list(pool.map(launch, pending))
+    failed = [f"{key[0]} seed {key[1]} (see {log})" for key, code, _, log in outcomes if code != 0]
+    if failed:
+        raise CompareError(f"{len(failed)} of {len(outcomes)} runs failed: {'; '.join(failed)}")
 
 
 def is_finished(directory: Path) -> bool:
@@ -369,7 +443,8 @@ def compare(argv: Sequence[str], fit: Callable[[list[str]], None]) -> Path:
     """
     own, overrides, fit_args = parse_args(argv)
     out = Path(own.run_dir)
-    paths = run_all(own.algorithms, own.seeds, out, overrides, fit_args, fit)
+    start = time.perf_counter()
+    paths = run_all(own.algorithms, own.seeds, out, overrides, fit_args, fit, own.jobs)
     runs = {key: load_run(directory) for key, directory in paths.items()}
     rows = comparison_rows(runs)
     command = " ".join(["tapl compare", *argv])
@@ -380,5 +455,7 @@ def compare(argv: Sequence[str], fit: Callable[[list[str]], None]) -> Path:
     replacements = plot_replacements(runs, out)
     if replacements is not None:
         plots.append(replacements)
-    print(f"compare: {len(runs)} runs; table in {out / 'comparison.md'}; plots: {', '.join(p.name for p in plots)}")
+    seconds = time.perf_counter() - start
+    names = ", ".join(p.name for p in plots)
+    print(f"compare: {len(runs)} runs in {seconds:.0f} s; table in {out / 'comparison.md'}; plots: {names}")
     return out

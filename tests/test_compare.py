@@ -106,6 +106,54 @@ def test_rerunning_reuses_finished_runs_and_reproduces_the_table(
     assert (tmp_path / "again" / "comparison.csv").read_text() == before
 
 
+def test_jobs_run_in_processes_with_logs_and_give_the_same_table(
+    comparison: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, out = comparison
+    compare(config, tmp_path / "jobs", "--federation.local_steps", "1", "--jobs", "2")
+    printed = capsys.readouterr().out
+    assert printed.count(" done in ") == 4 and "4 runs in " in printed
+    for algorithm in ("FedAvg", "TAP"):
+        for seed in (0, 1):
+            assert "done: 2 rounds" in (tmp_path / "jobs" / algorithm / f"seed-{seed}.log").read_text()
+    # Fewer CPU threads per process may round differently in the last bits, never more.
+    with (out / "comparison.csv").open() as a, (tmp_path / "jobs" / "comparison.csv").open() as b:
+        one, many = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [(r["algorithm"], r["model"], r["task_type"]) for r in one] == [
+        (r["algorithm"], r["model"], r["task_type"]) for r in many
+    ]
+    for a_row, b_row in zip(one, many, strict=True):
+        assert float(b_row["mean"]) == pytest.approx(float(a_row["mean"]), rel=1e-4, abs=1e-5)
+
+
+def test_failed_runs_are_named_with_their_logs_after_the_others_finish(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = config_file(assets, tmp_path)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "compare",
+                "--config",
+                str(config),
+                "--algorithms",
+                "FedAvg,FedProx",
+                "--run_dir",
+                str(tmp_path / "out"),
+                "--federation.rounds",
+                "1",
+                "--algorithm.mu",
+                "-1",
+                "--jobs",
+                "2",
+            ]
+        )
+    error = capsys.readouterr().err
+    assert "1 of 2 runs failed: FedProx seed 0 (see " in error
+    assert "mu" in (tmp_path / "out" / "FedProx" / "seed-0.log").read_text()
+    assert (tmp_path / "out" / "FedAvg" / "seed-0" / "results.json").is_file()
+
+
 def test_algorithm_overrides_apply_to_the_algorithms_that_take_them(
     assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
