@@ -101,7 +101,7 @@ class TaplCLI(LightningCLI):
 
     @override
     def instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate_classes(self.config)
+        self.config_init = self.parser.instantiate(self.config)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         raw = self.config[self.subcommand] if self.subcommand else self.config
         self.orchestrator = FederatedOrchestrator(
@@ -112,7 +112,7 @@ class TaplCLI(LightningCLI):
             run_dir=config["run_dir"],
             trainer=dict(config["trainer"]),
             optimizer=config["optimizer"],
-            config_text=self._parser(self.subcommand).dump(raw, skip_none=False),
+            config_text=self._parser(self.subcommand).dump(raw, skip_unset=False),
         )
 
     @override

@@ -183,7 +183,7 @@ def run_in_processes(
         command = [
             sys.executable,
             "-m",
-            "tapl.cli",
+            "tapl",
             pending[key][0],
             "--federation.progress",
             "false",

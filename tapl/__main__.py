@@ -1,0 +1,5 @@
+"""``python -m tapl``: the ``tapl`` command."""
+
+from tapl.cli import main
+
+main()
