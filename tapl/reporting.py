@@ -43,7 +43,9 @@ WORST_SHARE = 0.1
 Grouping = Literal["task", "task_type", "pair"]
 
 
-def distribution(values: Sequence[float], weights: Sequence[float], higher_is_better: bool) -> dict[str, float]:
+def distribution(
+    values: Sequence[float], weights: Sequence[float], higher_is_better: bool
+) -> dict[str, float | int | bool]:
     """Statistics of one metric over clients (one value per client and task).
 
     Returns:
@@ -51,8 +53,8 @@ def distribution(values: Sequence[float], weights: Sequence[float], higher_is_be
         samples for averages), ``mean`` (unweighted: every client counts the same), ``std`` (population
         standard deviation over clients), ``min``, ``max``, ``worst_10pct_mean`` (mean of the worst
         ``ceil(10%)`` of the values, at least one; worst is lowest when ``higher_is_better``, else highest),
-        ``values`` (how many: clients, or (client, task) pairs for a group of tasks) and ``higher_is_better``
-        (1.0 or 0.0).
+        ``values`` (how many, an int: clients, or (client, task) pairs for a group of tasks) and
+        ``higher_is_better`` (a bool).
     """
     if not values or len(values) != len(weights):
         raise ValueError(f"need one weight per value and at least one value, got {len(values)} and {len(weights)}")
@@ -67,8 +69,8 @@ def distribution(values: Sequence[float], weights: Sequence[float], higher_is_be
         "min": min(values),
         "max": max(values),
         "worst_10pct_mean": sum(worst) / len(worst),
-        "values": float(n),
-        "higher_is_better": float(higher_is_better),
+        "values": n,
+        "higher_is_better": higher_is_better,
     }
 
 
@@ -83,12 +85,12 @@ def group_key(task: Task, by: Grouping) -> str:
 
 def summarize_distribution(
     per_client: PerClient, tasks: Mapping[str, Task], by: Grouping
-) -> dict[str, dict[str, dict[str, float]]]:
+) -> dict[str, dict[str, dict[str, float | int | bool]]]:
     """Per group of tasks and metric, the :func:`distribution` over every (client, task) of the group.
 
     Returns:
         group -> metric -> statistic -> value. Losses and metrics declared lower-is-better by their task type
-        carry ``higher_is_better = 0``.
+        carry ``higher_is_better = False``.
     """
     entries: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     directions: dict[str, dict[str, bool]] = {}

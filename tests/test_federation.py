@@ -254,7 +254,7 @@ def test_results_json_per_client_per_task(full_run: Path) -> None:
     assert accuracy["values"] == len(values) == 6
     assert accuracy["min"] == min(values) and accuracy["max"] == max(values)
     shapes = results["distribution"]["pair"]["global"]["image,classification"]["loss"]
-    assert shapes["values"] == 3 and shapes["higher_is_better"] == 0.0
+    assert shapes["values"] == 3 and shapes["higher_is_better"] is False
     assert "## Distribution across clients, per task type" in (full_run / "results.md").read_text()
 
 
