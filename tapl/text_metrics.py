@@ -123,15 +123,8 @@ class BERTScoreF1(MeanMetric):
 
 
 class Meteor(MeanMetric):
-    """METEOR (:func:`meteor`) averaged over samples; ``update`` takes predicted and target texts.
-
-    Args:
-        synonyms: A WordNet-like corpus; ``None`` uses NLTK's WordNet.
-    """
-
-    def __init__(self, synonyms: Any | None = None) -> None:
-        super().__init__()
-        self.synonyms = synonyms
+    """METEOR (:func:`meteor`, with NLTK's WordNet) averaged over samples; ``update`` takes predicted and target
+    texts."""
 
     def update(self, predicted: Sequence[str], targets: Sequence[str]) -> None:  # type: ignore[override]
-        super().update(meteor(predicted, targets, self.synonyms))
+        super().update(meteor(predicted, targets))
