@@ -4,6 +4,9 @@ Every run is an ordinary ``tapl fit`` in ``RUN_DIR/<algorithm>/seed-<seed>`` wit
 overrides, only ``--algorithm`` and ``--federation.seed`` differing. A finished run is read, not re-run, and
 an unfinished one resumes, so re-running the command completes a comparison and reproduces its table.
 ``--jobs N`` runs N of them at once, each in its own process with its share of the CPU threads.
+
+Besides the mean +- std over seeds, the comparison pairs models on the same clients: every model against a
+baseline (``--baseline``), per (seed, client, task), with wins / ties / losses and a Wilcoxon signed-rank test.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import wilcoxon
 
 import tapl.algorithms
 from tapl.plots import plot_boxes, plot_series
@@ -32,6 +36,10 @@ from tapl.run_dir import FINAL, RunDirectory
 
 #: The model whose per-client values the distribution plots show.
 PLOTTED_MODEL = "personalized"
+#: A model of the comparison: (the algorithm as given to ``--algorithms``, the model's key in results.json).
+Row = tuple[str, str]
+#: The variant an algorithm's personalized model is also paired with: TAP's ablation without distillation.
+ABLATION_MODEL = "no_distillation"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
@@ -50,6 +58,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list
     parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. FedAvg,FedProx,PerFedAvg,TAP")
     parser.add_argument("--seeds", default="0", help="comma-separated federation seeds, e.g. 0,1,2")
     parser.add_argument("--run_dir", default="runs/compare", help="one sub-directory per algorithm and seed")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        metavar="ALGORITHM[:MODEL]",
+        help="the model every other one is paired with on the same clients, e.g. FedAvg:global+FT (default: the "
+        "first algorithm's global+FT model, else its personalized one; MODEL defaults the same way)",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -79,6 +94,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list
         parser.error("give at least one algorithm and one seed")
     if own.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {own.jobs}")
+    algorithm, _, model = (own.baseline or "").partition(":")
+    if algorithm and algorithm not in own.algorithms:
+        parser.error(f"--baseline {own.baseline}: {algorithm} is not one of --algorithms {own.algorithms}")
+    own.baseline = (algorithm or None, model or None)
     return own, overrides, fit_args
 
 
@@ -336,6 +355,195 @@ def csv_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+# -- paired comparisons on the same clients ----------------------------------------------------------------
+
+
+def first_results(runs: Mapping[tuple[str, int], Mapping[str, Any]], algorithm: str) -> Mapping[str, Any]:
+    """The results of ``algorithm``'s run with the lowest seed (for what every seed shares: labels, models)."""
+    return runs[(algorithm, min(s for a, s in runs if a == algorithm))]["results"]
+
+
+def models_of(runs: Mapping[tuple[str, int], Mapping[str, Any]], algorithm: str) -> list[str]:
+    """The model keys ``algorithm`` reports."""
+    return list(first_results(runs, algorithm)["models"])
+
+
+def baseline_row(
+    runs: Mapping[tuple[str, int], Mapping[str, Any]], algorithm: str | None = None, model: str | None = None
+) -> Row:
+    """The baseline of the paired comparisons (``--baseline ALGORITHM[:MODEL]``).
+
+    Args:
+        runs: The loaded runs by (algorithm, seed).
+        algorithm: The baseline algorithm; ``None``: the first of ``runs``.
+        model: Its model; ``None``: ``global+FT`` if the algorithm reports it, else ``personalized``.
+
+    Raises:
+        ValueError: when the algorithm did not run or does not report the model.
+    """
+    algorithm = algorithm or next(iter(runs))[0]
+    if not any(a == algorithm for a, _ in runs):
+        raise ValueError(f"--baseline: {algorithm} is not one of the compared algorithms")
+    models = models_of(runs, algorithm)
+    model = model or ("global+FT" if "global+FT" in models else "personalized")
+    if model not in models:
+        raise ValueError(f"--baseline {algorithm}:{model}: {algorithm} reports no model {model!r}, only {models}")
+    return algorithm, model
+
+
+def paired_comparisons(runs: Mapping[tuple[str, int], Mapping[str, Any]], baseline: Row) -> list[tuple[Row, Row]]:
+    """The (model, baseline) pairs to compare: every other model of every algorithm against ``baseline``,
+    then each algorithm's ``personalized`` model against its own ``no_distillation`` variant, if it has one."""
+    algorithms = list(dict.fromkeys(a for a, _ in runs))
+    rows = [(a, m) for a in algorithms for m in models_of(runs, a)]
+    pairs = [(row, baseline) for row in rows if row != baseline]
+    pairs += [((a, "personalized"), (a, ABLATION_MODEL)) for a in algorithms if ABLATION_MODEL in models_of(runs, a)]
+    return list(dict.fromkeys(pairs))
+
+
+def paired_differences(
+    runs: Mapping[tuple[str, int], Mapping[str, Any]], row: Row, baseline: Row, task_type: str
+) -> list[float]:
+    """Per (seed, participating client, task of ``task_type``) that both models were evaluated on: the task
+    type's primary metric of ``row`` minus the baseline's, signed so that positive means ``row`` is better.
+
+    Seeds are those both algorithms ran; held-out clients are left out, as in the runs' summaries.
+    """
+    seeds = sorted({s for a, s in runs if a == row[0]} & {s for a, s in runs if a == baseline[0]})
+    differences: list[float] = []
+    for seed in seeds:
+        results = runs[(row[0], seed)]["results"]
+        metric, higher = type_metrics(results)[task_type]
+        ours = results["per_client"][row[1]]
+        theirs = runs[(baseline[0], seed)]["results"]["per_client"][baseline[1]]
+        held_out = {str(c) for c in results.get("held_out", {}).get("clients", [])}
+        for client in sorted(set(ours) & set(theirs) - held_out, key=int):
+            for task in sorted(set(ours[client]) & set(theirs[client])):
+                if results["tasks"][task]["type"] == task_type:
+                    difference = ours[client][task][metric] - theirs[client][task][metric]
+                    differences.append(difference if higher else -difference)
+    return differences
+
+
+def wilcoxon_p(differences: Sequence[float]) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of ``differences``, zeros dropped; 1 when all are zero.
+
+    scipy's default method: exact for small samples (a permutation test when absolute differences tie), a
+    normal approximation for large ones.
+    """
+    nonzero = [d for d in differences if d != 0]
+    return float(wilcoxon(nonzero).pvalue) if nonzero else 1.0
+
+
+def paired_stats(differences: Sequence[float]) -> dict[str, Any]:
+    """Count, mean, wins (> 0), ties (== 0), losses (< 0) and the Wilcoxon p-value of paired differences."""
+    return {
+        "pairs": len(differences),
+        "mean_difference": sum(differences) / len(differences),
+        "wins": sum(d > 0 for d in differences),
+        "ties": sum(d == 0 for d in differences),
+        "losses": sum(d < 0 for d in differences),
+        "p_value": wilcoxon_p(differences),
+    }
+
+
+def paired_rows(runs: Mapping[tuple[str, int], Mapping[str, Any]], baseline: Row) -> list[dict[str, Any]]:
+    """One row per pair of :func:`paired_comparisons` and task type both hold: :func:`paired_stats` of the
+    :func:`paired_differences`."""
+    rows: list[dict[str, Any]] = []
+    for row, against in paired_comparisons(runs, baseline):
+        ours, theirs = first_results(runs, row[0]), first_results(runs, against[0])
+        for task_type, (metric, higher) in sorted(type_metrics(ours).items()):
+            differences = paired_differences(runs, row, against, task_type)
+            if not differences:
+                continue
+            rows.append(
+                {
+                    "algorithm": ours["algorithm"],
+                    "model": row[1],
+                    "label": ours["models"][row[1]]["label"],
+                    "baseline_algorithm": theirs["algorithm"],
+                    "baseline_model": against[1],
+                    "baseline_label": theirs["models"][against[1]]["label"],
+                    "task_type": task_type,
+                    "metric": metric,
+                    "higher_is_better": higher,
+                    **paired_stats(differences),
+                }
+            )
+    return rows
+
+
+def paired_markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paired comparisons: one line per (model, baseline) pair, one column per task type."""
+    types = list(dict.fromkeys(r["task_type"] for r in rows))
+    metric_of = {r["task_type"]: r["metric"] for r in rows}
+    lines = [
+        "## Paired differences on the same clients",
+        "",
+        "Each line pairs a model with a baseline on the same clients: for every seed, participating client and "
+        "task of the type, the difference of the task type's primary metric (test split) between the model and "
+        "the baseline of the same seed, signed so that **positive means better than the baseline**. The baseline "
+        "is `--baseline ALGORITHM[:MODEL]` (default: the first algorithm's `global+FT` model, else its "
+        "`personalized` one); an algorithm with a `no_distillation` variant (TAP) also pairs its `personalized` "
+        "model with it. Each cell: the mean difference (every client and task counts once, unlike the "
+        "sample-weighted table above); wins/ties/losses over the pairs (their number in brackets); the two-sided "
+        "Wilcoxon signed-rank p-value over the non-zero differences (scipy's default method: exact for small "
+        "samples, where n differences cannot give less than 2^(1-n); 1 when all are zero; not corrected for the "
+        "number of comparisons).",
+        "",
+        "| algorithm | model | against | " + " | ".join(f"{t} {metric_of[t]}" for t in types) + " |",
+        "|---|---|---|" + "---|" * len(types),
+    ]
+    pairs: dict[tuple[str, str, str, str], dict[str, Mapping[str, Any]]] = {}
+    for r in rows:
+        key = (r["algorithm"], r["model"], r["baseline_algorithm"], r["baseline_model"])
+        pairs.setdefault(key, {})[r["task_type"]] = r
+    for (algorithm, model, baseline, baseline_model), per_type in pairs.items():
+        first = next(iter(per_type.values()))
+        against = f"{baseline} {first['baseline_label']} (`{baseline_model}`)"
+        cells = " | ".join(paired_cell(per_type.get(t)) for t in types)
+        lines.append(f"| {algorithm} | {first['label']} (`{model}`) | {against} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_cell(row: Mapping[str, Any] | None) -> str:
+    """``+0.0123; 7/1/4 (12); p 0.0342`` for one paired row, ``-`` for none."""
+    if row is None:
+        return "-"
+    counts = f"{row['wins']}/{row['ties']}/{row['losses']} ({row['pairs']})"
+    return f"{row['mean_difference']:+.4f}; {counts}; p {row['p_value']:.3g}"
+
+
+#: The columns of ``comparison_paired.csv``: the keys of :func:`paired_rows`.
+PAIRED_FIELDS = [
+    "algorithm",
+    "model",
+    "label",
+    "baseline_algorithm",
+    "baseline_model",
+    "baseline_label",
+    "task_type",
+    "metric",
+    "higher_is_better",
+    "pairs",
+    "mean_difference",
+    "wins",
+    "ties",
+    "losses",
+    "p_value",
+]
+
+
+def paired_csv_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paired rows in long form: one line per (model, baseline) pair and task type."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PAIRED_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 # -- plots -------------------------------------------------------------------------------------------------
 
 
@@ -439,7 +647,8 @@ def plot_replacements(runs: Mapping[tuple[str, int], Mapping[str, Any]], out: Pa
 def compare(argv: Sequence[str], fit: Callable[[list[str]], None]) -> Path:
     """Run ``tapl compare`` with ``argv`` (without the subcommand); ``fit`` runs one ``tapl fit``.
 
-    Writes ``comparison.md``, ``comparison.csv`` and the PNG plots into ``--run_dir`` and returns it.
+    Writes ``comparison.md``, ``comparison.csv``, ``comparison_paired.csv`` and the PNG plots into ``--run_dir``
+    and returns it.
     """
     own, overrides, fit_args = parse_args(argv)
     out = Path(own.run_dir)
@@ -447,10 +656,12 @@ def compare(argv: Sequence[str], fit: Callable[[list[str]], None]) -> Path:
     paths = run_all(own.algorithms, own.seeds, out, overrides, fit_args, fit, own.jobs)
     runs = {key: load_run(directory) for key, directory in paths.items()}
     rows = comparison_rows(runs)
+    paired = paired_rows(runs, baseline_row(runs, *own.baseline))
     command = " ".join(["tapl compare", *argv])
     out.mkdir(parents=True, exist_ok=True)
-    RunDirectory(out).write_text("comparison.md", markdown_table(rows, command))
+    RunDirectory(out).write_text("comparison.md", markdown_table(rows, command) + "\n" + paired_markdown_table(paired))
     RunDirectory(out).write_text("comparison.csv", csv_table(rows))
+    RunDirectory(out).write_text("comparison_paired.csv", paired_csv_table(paired))
     plots = [*plot_curves(runs, out), *plot_client_distributions(runs, out)]
     replacements = plot_replacements(runs, out)
     if replacements is not None:

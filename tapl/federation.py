@@ -47,6 +47,7 @@ from tapl.models.foundation import FoundationModel
 from tapl.plateau import Plateau
 from tapl.reporting import results_table, summarize, summarize_distribution
 from tapl.run_dir import FINAL, POST_FEDERATION_METRICS, RunDirectory, RunDirError
+from tapl.sampling import SAMPLINGS, Sampling, sample_clients
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class FederationConfig:
     Args:
         rounds: Total number of rounds; resuming with a larger value continues to it.
         clients_per_round: Clients sampled per round: an int is a count, a float in (0, 1] a fraction.
+        sampling: How each round's clients are chosen, always as a function of ``(seed, round)``:
+            ``"random"``, uniformly and independently per round; ``"cyclic"``, without replacement across
+            rounds: every participant once per pass of ``participants / clients_per_round`` rounds, in an
+            order shuffled per pass (see :mod:`tapl.sampling`).
         local_steps: Optimizer steps of one local fit.
         seed: Seed of model initialisation, client sampling and every local fit.
         warmup_rounds: Warm the learning rate up linearly over this many rounds, from ``warmup_start_lr`` in
@@ -71,9 +76,10 @@ class FederationConfig:
         eval_every: Evaluate on every client's validation split every this many rounds (and after the last).
         checkpoint_every: Write a checkpoint every this many rounds (and after the last).
         progress: Show the progress display.
-        finetune_steps: Post-federation fine-tuning: each client's final global slice trains this many steps
-            on its own training data, reported as the "+FT" model (e.g. FedAvg+FT) and used by algorithms as
-            a teacher (TAP); 0 disables it.
+        finetune_steps: Post-federation fine-tuning: each client's final global slice trains on this many
+            batches of its own training data, one optimizer step per batch (``--trainer.accumulate_grad_batches``
+            does not apply after the rounds, so the budget counts batches, as the TAP paper's 50 do), reported
+            as the "+FT" model (e.g. FedAvg+FT) and used by algorithms as a teacher (TAP); 0 disables it.
         finetune_lr: Learning rate of that fine-tuning.
         plateau_window: Stop federation early once the global model's validation loss has stabilized: for
             this many consecutive evaluations, every task's loss changed by less than ``plateau_tolerance``
@@ -86,6 +92,7 @@ class FederationConfig:
 
     rounds: int = 10
     clients_per_round: int | float = 0.5
+    sampling: Sampling = "random"
     local_steps: int = 10
     seed: int = 0
     warmup_rounds: int = 0
@@ -108,6 +115,8 @@ class FederationConfig:
             raise ValueError(f"federation.clients_per_round as a fraction must lie in (0, 1], got {k}")
         if isinstance(k, int) and k < 1:
             raise ValueError(f"federation.clients_per_round must be >= 1, got {k}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"federation.sampling must be one of {list(SAMPLINGS)}, got {self.sampling!r}")
         if self.warmup_rounds < 0 or self.warmup_start_lr <= 0:
             raise ValueError("federation.warmup_rounds must be >= 0 and federation.warmup_start_lr > 0")
         if self.finetune_steps < 0 or self.finetune_lr <= 0:
@@ -116,7 +125,7 @@ class FederationConfig:
 
     def lr_for_round(self, round: int) -> Callable[[float], float] | None:
         """The warm-up of ``round`` as a function of the peak learning rate, or ``None`` once warmed up."""
-        if round > self.warmup_rounds:
+        if not self.warmup_rounds or round > self.warmup_rounds:
             return None
         progress = (round - 1) / self.warmup_rounds
         start = self.warmup_start_lr
@@ -130,6 +139,12 @@ class FederationConfig:
         if k > num_clients:
             raise ValueError(f"federation.clients_per_round is {k} but the federation has {num_clients} clients")
         return k
+
+
+def new_client_record() -> dict[str, int]:
+    """A client's record before any round: ``visits`` (sampled), ``failures`` (visits excluded from
+    aggregation) and ``last_visit`` (the last round whose visit succeeded, i.e. was aggregated; 0: none)."""
+    return {"visits": 0, "failures": 0, "last_visit": 0}
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -196,7 +211,7 @@ class FederatedOrchestrator:
         #: Post-federation progress: clients done, and each client's fine-tuned global slice ("+FT" model).
         self.post_done: list[int] = []
         self.finetuned: dict[int, ComponentState] = {}
-        self.client_records: dict[int, dict[str, int]] = {c.id: {"visits": 0, "failures": 0} for c in data.clients}
+        self.client_records: dict[int, dict[str, int]] = {c.id: new_client_record() for c in data.clients}
         #: Readable predictions (e.g. generated text) of the last evaluation: model -> client -> task -> list.
         self.examples: dict[str, dict[str, dict[str, list[dict[str, str]]]]] = {}
         self.last_examples: dict[str, list[dict[str, str]]] = {}
@@ -391,12 +406,10 @@ class FederatedOrchestrator:
     # -- the round ----------------------------------------------------------------------------------------
 
     def sample_clients(self, round: int) -> list[int]:
-        """The clients of ``round`` among the participants: a function of ``(seed, round)`` only, identical on
-        every rank."""
+        """The clients of ``round`` among the participants, by ``federation.sampling``: a function of
+        ``(seed, round)`` only, identical on every rank."""
         k = self.config.num_sampled(len(self.participants))
-        rng = np.random.default_rng([self.config.seed, round])
-        picked = rng.choice(len(self.participants), size=k, replace=False)
-        return sorted(self.participants[int(i)] for i in picked)
+        return sample_clients(self.participants, k, self.config.seed, round, self.config.sampling)
 
     def _run_round(self, round: int) -> None:
         started = time.perf_counter()
@@ -425,6 +438,7 @@ class FederatedOrchestrator:
                 log.debug("".join(traceback.format_exception(error)))
             else:
                 updates.append(update)
+                self.client_records[cid]["last_visit"] = round
                 bytes_up += num_bytes(update.state)
             if progress:
                 progress.client_done()
@@ -484,7 +498,7 @@ class FederatedOrchestrator:
                 models["global+FT"] = {
                     "label": f"{algorithm.global_label}+FT",
                     "description": "each client's slice of the final global model, fine-tuned on the client's "
-                    f"training data for {self.config.finetune_steps} steps at lr {self.config.finetune_lr:g} after "
+                    f"training data for {self.config.finetune_steps} batches at lr {self.config.finetune_lr:g} after "
                     "the last round",
                 }
         models["personalized"] = {
@@ -553,6 +567,14 @@ class FederatedOrchestrator:
         if self.last_examples:
             self.examples.setdefault(model, {})[str(client)] = self.last_examples
 
+    def _clients_summary(self) -> dict[str, dict[str, Any]]:
+        """Per client id: its tasks, whether it is held out, and its record (visits, failures, last visit)."""
+        held_out = set(self.config.holdout_clients)
+        return {
+            str(c.id): {"tasks": list(c.tasks), "held_out": c.id in held_out, **self.client_records[c.id]}
+            for c in self.data.clients
+        }
+
     def _final_results(self, split: str) -> dict[str, Any]:
         evaluation = self._evaluate_all(split)
         results = {
@@ -570,6 +592,7 @@ class FederatedOrchestrator:
                 for name, task in self.data.tasks.items()
             },
             "models": self.models(),
+            "clients": self._clients_summary(),
             "per_client": evaluation,
             **self._summaries(self._of_clients(evaluation, self.participants), distribution=True),
             "examples": self.examples,
@@ -714,7 +737,8 @@ class FederatedOrchestrator:
         self.post_done = [int(c) for c in post["done"]]
         self.finetuned = {int(c): s for c, s in post["finetuned"].items()}
         self.algorithm.load_state_dict(payload["algorithm"])
-        self.client_records = {int(c): dict(r) for c, r in payload["clients"].items()}
+        # Checkpoints written before a record field existed load it as 0.
+        self.client_records = {int(c): {**new_client_record(), **r} for c, r in payload["clients"].items()}
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))

@@ -112,8 +112,29 @@ def summarize_distribution(
     }
 
 
+def clients_table(results: Mapping[str, Any]) -> list[str]:
+    """The Markdown section of ``results["clients"]``: per client its tasks, visits, failures and last round."""
+    rounds = results["round"]
+    lines = [
+        "",
+        "## Clients: visits and the last round each trained in",
+        "",
+        f"Rounds 1 to {rounds}. Visits: rounds that sampled the client; failed: visits excluded from aggregation; "
+        "last trained: the last round whose visit succeeded (was aggregated), before the post-federation stage.",
+        "",
+        f"| client | tasks | visits | failed | last trained (of {rounds}) |",
+        "|---|---|---|---|---|",
+    ]
+    for client, record in results["clients"].items():
+        last = "held out" if record["held_out"] else record["last_visit"] or "never"
+        tasks = ", ".join(record["tasks"])
+        lines.append(f"| {client} | {tasks} | {record['visits']} | {record['failures']} | {last} |")
+    return lines
+
+
 def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
-    """A Markdown table of the final results: one row per client, task and model, then summaries."""
+    """A Markdown table of the final results: one row per client, task and model, then each client's visits
+    and last round of training (:func:`clients_table`), then summaries."""
     metrics = sorted(
         {
             m
@@ -154,6 +175,8 @@ def results_table(results: Mapping[str, Any], data: FederatedDataModule) -> str:
                     lines.append(
                         f"| {client.id} | {task} | {labels[model]} | {int(values['samples'])} | {cells(values)} |"
                     )
+
+    lines += clients_table(results)
 
     def summary_table(title: str, summary: Mapping[str, Mapping[str, Mapping[str, float]]], note: str) -> list[str]:
         rows = [

@@ -258,6 +258,52 @@ def test_results_json_per_client_per_task(full_run: Path) -> None:
     assert "## Distribution across clients, per task type" in (full_run / "results.md").read_text()
 
 
+def expected_client_records(run_dir: Path) -> dict[str, dict[str, int]]:
+    """Each client's visits, failures and last successful round, recounted from ``metrics.jsonl``."""
+    records = {cid: {"visits": 0, "failures": 0, "last_visit": 0} for cid in CLIENT_TASKS}
+    for record in read_metrics(run_dir):
+        for client in record["sampled_clients"]:
+            counts = records[str(client)]
+            counts["visits"] += 1
+            if str(client) in record["failed_clients"]:
+                counts["failures"] += 1
+            else:
+                counts["last_visit"] = record["round"]
+    return records
+
+
+def test_results_record_each_client_s_visits_and_the_last_round_it_trained_in(full_run: Path, faulty_run: Path) -> None:
+    for run_dir in (full_run, faulty_run):
+        clients = json.loads((run_dir / "results.json").read_text())["clients"]
+        expected = expected_client_records(run_dir)
+        assert clients == {
+            cid: {"tasks": sorted(tasks), "held_out": False, **expected[cid]} for cid, tasks in CLIENT_TASKS.items()
+        }
+    # Clients 1 (raises) and 2 (uploads NaN) were sampled in both rounds and never trained.
+    faulty = json.loads((faulty_run / "results.json").read_text())["clients"]
+    assert [faulty[c]["last_visit"] for c in ("0", "1", "2", "3")] == [2, 0, 0, 2]
+    assert faulty["1"]["visits"] == faulty["1"]["failures"] == 2
+    table = (faulty_run / "results.md").read_text()
+    assert "| client | tasks | visits | failed | last trained (of 2) |" in table
+    assert "| 1 | shapes | 2 | 2 | never |" in table and "| 3 | sentiment, shapes | 2 | 0 | 2 |" in table
+
+
+def test_checkpoints_without_last_visit_load_it_as_zero(full_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir)
+    state = run_dir / "checkpoints" / "final" / "state.pt"
+    payload = torch.load(state, weights_only=True)
+    for record in payload["clients"].values():
+        del record["last_visit"]
+    torch.save(payload, state)
+    main(["test", "--config", str(full_run.parent / "run.yaml"), "--run_dir", str(run_dir)])
+    clients = json.loads((run_dir / "results.json").read_text())["clients"]
+    expected = expected_client_records(full_run)
+    assert {cid: (c["visits"], c["last_visit"]) for cid, c in clients.items()} == {
+        cid: (e["visits"], 0) for cid, e in expected.items()
+    }
+
+
 def test_evaluation_every_eval_every_rounds_and_after_the_last(full_run: Path, faulty_run: Path) -> None:
     # eval_every=2 over 4 rounds.
     assert [("eval" in r) for r in read_metrics(full_run)] == [False, True, False, True]
@@ -300,6 +346,20 @@ def test_sampling_fraction_versus_count(assets: dict[str, Path], tmp_path: Path)
     assert all(everyone.sample_clients(r) == [0, 1, 2, 3] for r in range(1, 11))
     one = build_orchestrator(config, "--federation.clients_per_round", "1")
     assert all(len(one.sample_clients(r)) == 1 for r in range(1, 11))
+
+
+def test_cyclic_sampling_visits_every_participant_once_per_pass(assets: dict[str, Path], tmp_path: Path) -> None:
+    config = write_config(assets, tmp_path / "run", clients_per_round=2)
+    cyclic = build_orchestrator(config, "--federation.sampling", "cyclic")
+    assert cyclic.config.sampling == "cyclic"
+    rounds = [cyclic.sample_clients(r) for r in range(1, 11)]
+    assert all(sorted(rounds[i] + rounds[i + 1]) == [0, 1, 2, 3] for i in range(0, 10, 2))
+    held_out = build_orchestrator(config, "--federation.sampling", "cyclic", "--federation.holdout_clients", "[1]")
+    # 3 participants, 2 per round: the held-out client never, the others once per pass of 1.5 rounds, so
+    # any 3 consecutive rounds (6 slots) hold a whole pass; no round repeats a client.
+    sampled = [held_out.sample_clients(r) for r in range(1, 10)]
+    assert all(len(set(s)) == 2 and 1 not in s for s in sampled)
+    assert all({c for s in sampled[i : i + 3] for c in s} == {0, 2, 3} for i in range(7))
 
 
 def test_a_fit_trains_only_the_trainable_components_and_returns_all(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for tapl.reporting: distribution statistics across clients, by hand."""
+"""Tests for tapl.reporting: distribution statistics across clients, by hand, and the clients table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tapl.reporting import distribution, summarize_distribution
+from tapl.reporting import clients_table, distribution, summarize_distribution
 from tapl.tasks import Task
 
 VALUES = [0.9, 0.5, 0.7, 0.1]
@@ -75,3 +75,21 @@ def test_grouping_by_pair_separates_modalities() -> None:
     assert by_pair["image+text,classification"]["accuracy"]["mean"] == 0.5
     by_task = summarize_distribution(PER_CLIENT, TASKS, "task")
     assert by_task["digits"]["accuracy"]["weighted_mean"] == pytest.approx((8 + 18) / 40)
+
+
+def test_the_clients_table_shows_the_last_round_each_client_trained_in() -> None:
+    results = {
+        "round": 16,
+        "clients": {
+            "0": {"tasks": ["digits"], "held_out": False, "visits": 6, "failures": 0, "last_visit": 8},
+            "1": {"tasks": ["digits", "qa"], "held_out": False, "visits": 2, "failures": 2, "last_visit": 0},
+            "2": {"tasks": ["recon"], "held_out": True, "visits": 0, "failures": 0, "last_visit": 0},
+        },
+    }
+    lines = clients_table(results)
+    assert "| client | tasks | visits | failed | last trained (of 16) |" in lines
+    assert lines[-3:] == [
+        "| 0 | digits | 6 | 0 | 8 |",
+        "| 1 | digits, qa | 2 | 2 | never |",
+        "| 2 | recon | 0 | 0 | held out |",
+    ]
