@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from lightning.pytorch import Callback
 
 if TYPE_CHECKING:
     from tapl.models import FoundationModel
@@ -184,3 +185,13 @@ def read_records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
 def read_results(run_dir: Path) -> dict:
     """A run's ``results.json``."""
     return json.loads((run_dir / "results.json").read_text())
+
+
+class BatchCounter(Callback):
+    """Counts the training batches of a fit."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.batches += 1

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.optim import SGD, Optimizer
+from torch.optim import SGD, Adam, Optimizer
 from typing_extensions import override
 
 from tapl.algorithms.fedavg import FedAvg
@@ -47,6 +47,10 @@ LossClosure = Callable[[], Tensor]
 GradientMap = Callable[[list[Tensor]], list[Tensor]]
 #: Batches one meta-step consumes, per variant.
 BATCHES_PER_STEP: dict[str, int] = {"first_order": 2, "hessian_free": 3}
+#: The outer (meta) step's optimizer at step size ``beta``.
+OuterOptimizer = Literal["sgd", "adam"]
+#: ``--trainer`` settings that never apply to Per-FedAvg's own steps: it clips (or not) by its own setting.
+NO_CLIPPING: dict[str, Any] = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
 
 
 def _unchanged(gradients: list[Tensor]) -> list[Tensor]:
@@ -174,10 +178,11 @@ class PerFedAvgModule(SGDModule):
     """Trains a client's slice with Per-FedAvg meta-steps under Lightning's manual optimization.
 
     Every training batch is held until a meta-step has its 2 (first-order) or 3 (Hessian-free) batches; the
-    meta-step then computes :func:`meta_gradient` and applies it with one SGD step at the module's ``lr``
-    (``beta``). Lightning counts ``global_step`` (hence ``max_steps``) in optimizer steps, so a fit of
-    ``steps`` steps runs ``steps`` meta-steps on ``2 * steps`` or ``3 * steps`` batches, across epochs if the
-    client has fewer. With data parallelism every gradient is averaged over the ranks before use.
+    meta-step then computes :func:`meta_gradient` and applies it with one step of the outer optimizer (plain
+    SGD, or Adam whose moments live for the fit) at the module's ``lr`` (``beta``). Lightning counts
+    ``global_step`` (hence ``max_steps``) in optimizer steps, so a fit of ``steps`` steps runs ``steps``
+    meta-steps on ``2 * steps`` or ``3 * steps`` batches, across epochs if the client has fewer. With data
+    parallelism every gradient is averaged over the ranks before use.
 
     ``train_loss()`` holds, per task, the loss before adaptation ``L(w; D1)``; ``losses`` receives the
     mean losses before and after adaptation when the fit ends.
@@ -187,8 +192,9 @@ class PerFedAvgModule(SGDModule):
         alpha: The inner step size.
         hessian_free: Use the Hessian-free outer step (3 batches) instead of the first-order one (2).
         losses: Filled in at the end of the fit.
-        gradient_clip: ``(value, algorithm)`` to clip each meta-gradient with before its step (Lightning's
-            ``clip_gradients``: ``"norm"`` or ``"value"``); ``None``: no clipping.
+        gradient_clip: The largest L2 norm of a meta-gradient (over the whole slice) before its step; ``None``:
+            no clipping.
+        outer_optimizer: ``"sgd"`` (plain SGD, as the paper) or ``"adam"`` (Adam, no weight decay).
     """
 
     def __init__(
@@ -197,12 +203,14 @@ class PerFedAvgModule(SGDModule):
         alpha: float,
         hessian_free: bool = False,
         losses: AdaptationLosses | None = None,
-        gradient_clip: tuple[float, str] | None = None,
+        gradient_clip: float | None = None,
+        outer_optimizer: OuterOptimizer = "sgd",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.gradient_clip = gradient_clip
+        self.outer_optimizer = outer_optimizer
         self.alpha = alpha
         self.hessian_free = hessian_free
         self.batches_per_step = BATCHES_PER_STEP["hessian_free" if hessian_free else "first_order"]
@@ -210,6 +218,12 @@ class PerFedAvgModule(SGDModule):
         self._pending: list[TaskBatch] = []
         self._loss_sums: Tensor | None = None
         self._meta_steps = 0
+
+    @override
+    def configure_optimizers(self) -> Optimizer:
+        if self.outer_optimizer == "sgd":
+            return super().configure_optimizers()
+        return Adam(self.model.parameters_of(self.components), lr=float(self.lr))
 
     def _loss(self, batch: TaskBatch, batch_idx: int, record: bool) -> Tensor:
         """The training objective on ``batch``; only a recorded call counts towards ``train_loss()``."""
@@ -247,8 +261,7 @@ class PerFedAvgModule(SGDModule):
         for p, g in zip(params, result.gradient, strict=True):
             p.grad = g
         if self.gradient_clip is not None:
-            value, algorithm = self.gradient_clip
-            self.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses = torch.stack([result.inner_loss.double(), result.outer_loss.double()])
@@ -269,12 +282,17 @@ class PerFedAvg(FedAvg):
 
     Each local fit runs ``federation.local_steps`` meta-steps (see :class:`PerFedAvgModule`), each on 2
     (first-order) or 3 (Hessian-free) batches of ``data.batch_size`` rows; the server averages like FedAvg.
-    The meta-steps and the adaptation are plain SGD at ``alpha`` and ``beta``: ``--optimizer`` applies only to
-    the engine's "+FT" fine-tuning, and ``federation.warmup_rounds`` does not apply. A meta-step computes its
-    own gradients: it clips its meta-gradient with ``--trainer.gradient_clip_val`` (and
-    ``gradient_clip_algorithm``) itself, while ``--trainer.accumulate_grad_batches`` other than 1 and fp16
-    mixed precision (``16-mixed``, whose gradient scaler the meta-gradient bypasses) are refused; ``32-true``
-    and ``bf16-mixed`` work. The Hessian-free
+    The inner steps and the adaptation are plain SGD at ``alpha``; the outer step is SGD (the paper) or Adam
+    at ``beta``. ``--optimizer`` applies only to the engine's "+FT" fine-tuning, and
+    ``federation.warmup_rounds`` does not apply.
+
+    Clipping is this algorithm's own setting: ``gradient_clip`` bounds each meta-gradient's norm, and
+    ``--trainer.gradient_clip_val`` applies neither to the meta-steps nor to the adaptation steps (it still
+    applies to the "+FT" fine-tuning). A clip of ``c`` under an SGD outer step caps every meta-step's move at
+    ``beta * c``: the demo's clip of 1.0 at ``beta = 1e-3`` let a whole visit move the slice by about 0.01
+    where a FedAvg visit moves it by about 6, which is why clipping is off unless asked for.
+    ``--trainer.accumulate_grad_batches`` other than 1 and fp16 mixed precision (``16-mixed``, whose gradient
+    scaler the meta-gradient bypasses) are refused; ``32-true`` and ``bf16-mixed`` work. The Hessian-free
     variant runs its third batch's attention on PyTorch's math kernel (differentiable twice; slower and larger
     than the fused kernels).
 
@@ -284,11 +302,14 @@ class PerFedAvg(FedAvg):
     (``L(w'; D2)``) the inner adaptation step as ``loss_before_adaptation`` and ``loss_after_adaptation``.
 
     Args:
-        alpha: Inner (adaptation) step size, also the personalization step size. tapl's default 0.01.
-        beta: Outer (meta) step size. tapl's default 0.001.
+        alpha: Inner (adaptation) step size, also the personalization step size.
+        beta: Outer (meta) step size.
         variant: ``"first_order"`` (Per-FedAvg (FO)) or ``"hessian_free"`` (Per-FedAvg (HF), exact
             Hessian-vector products on a third batch).
         adapt_steps: SGD steps at ``alpha`` on the client's training data that personalize the global slice.
+        outer_optimizer: ``"sgd"``, the paper's plain SGD outer step, or ``"adam"`` (Adam at ``beta``, its
+            moments kept for one visit like the local optimizer of the other algorithms).
+        gradient_clip: The largest L2 norm of a meta-gradient before the outer step; ``None``: no clipping.
         weighting: Server aggregation weights, as :class:`FedAvg`.
     """
 
@@ -298,6 +319,8 @@ class PerFedAvg(FedAvg):
         beta: float = 0.001,
         variant: Literal["first_order", "hessian_free"] = "first_order",
         adapt_steps: int = 1,
+        outer_optimizer: OuterOptimizer = "sgd",
+        gradient_clip: float | None = None,
         weighting: Literal["samples", "uniform"] = "samples",
     ) -> None:
         super().__init__(weighting=weighting)
@@ -307,11 +330,16 @@ class PerFedAvg(FedAvg):
             raise ValueError(f"algorithm.variant must be 'first_order' or 'hessian_free', got {variant!r}")
         if adapt_steps < 1:
             raise ValueError(f"algorithm.adapt_steps must be >= 1, got {adapt_steps}")
+        if outer_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"algorithm.outer_optimizer must be 'sgd' or 'adam', got {outer_optimizer!r}")
+        if gradient_clip is not None and gradient_clip <= 0:
+            raise ValueError(f"algorithm.gradient_clip must be > 0 or null, got {gradient_clip}")
         self.alpha = alpha
         self.beta = beta
         self.variant = variant
         self.adapt_steps = adapt_steps
-        self._gradient_clip: tuple[float, str] | None = None
+        self.outer_optimizer = outer_optimizer
+        self.gradient_clip = gradient_clip
 
     # -- names --------------------------------------------------------------------------------------------
 
@@ -340,9 +368,11 @@ class PerFedAvg(FedAvg):
     def setup(self, federation: FederatedOrchestrator) -> None:
         super().setup(federation)
         trainer = federation.trainers.kwargs
-        # Lightning cannot clip under manual optimization: the meta-step clips its own meta-gradient.
-        clip = trainer.get("gradient_clip_val")
-        self._gradient_clip = (float(clip), trainer.get("gradient_clip_algorithm") or "norm") if clip else None
+        if trainer.get("gradient_clip_val"):
+            rank_zero_warn(
+                f"{self.label} does not clip its meta-steps or adaptation steps with --trainer.gradient_clip_val "
+                f"(it still clips the +FT fine-tuning); use --algorithm.gradient_clip to clip meta-gradients."
+            )
         if trainer.get("accumulate_grad_batches", 1) not in (None, 1):
             raise ValueError(
                 f"{self.label} computes its meta-gradients itself, which Lightning cannot accumulate: set "
@@ -367,10 +397,10 @@ class PerFedAvg(FedAvg):
             alpha=self.alpha,
             hessian_free=self.variant == "hessian_free",
             losses=losses,
-            gradient_clip=self._gradient_clip,
+            gradient_clip=self.gradient_clip,
+            outer_optimizer=self.outer_optimizer,
         )
-        no_clipping = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
-        result = ctx.fit(ctx.global_state, lr=self.beta, module_class=module, trainer_overrides=no_clipping)
+        result = ctx.fit(ctx.global_state, lr=self.beta, module_class=module, trainer_overrides=NO_CLIPPING)
         metrics = {f"train_loss/{task}": loss for task, loss in result.train_loss.items()}
         metrics["loss_before_adaptation"] = losses.before
         metrics["loss_after_adaptation"] = losses.after
@@ -379,4 +409,7 @@ class PerFedAvg(FedAvg):
     def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
         assert self.federation is not None
         ctx = self.federation.client_context(client)
-        return ctx.fit(global_state, steps=self.adapt_steps, lr=self.alpha, module_class=SGDModule).state
+        adapted = ctx.fit(
+            global_state, steps=self.adapt_steps, lr=self.alpha, module_class=SGDModule, trainer_overrides=NO_CLIPPING
+        )
+        return adapted.state

@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import make_text_image_model, tiny_config, write_tiny_config
+from helpers import BatchCounter, make_text_image_model, tiny_config, write_tiny_config
 from helpers import read_records as records
 from helpers import read_results as results
-from lightning.pytorch import Callback
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from tapl.algorithms import PerFedAvg
 from tapl.algorithms.perfedavg import (
+    NO_CLIPPING,
     AdaptationLosses,
     PerFedAvgModule,
     SGDModule,
@@ -218,14 +218,6 @@ def make_batches(model: FoundationModel) -> list[TaskBatch]:
     return batches
 
 
-class BatchCounter(Callback):
-    def __init__(self) -> None:
-        self.batches = 0
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.batches += 1
-
-
 @pytest.mark.parametrize(("hessian_free", "steps"), [(False, 3), (True, 2)])
 def test_module_runs_local_steps_meta_steps_on_consecutive_batches(
     model: FoundationModel, hessian_free: bool, steps: int
@@ -342,13 +334,13 @@ def test_cli_refuses_gradient_accumulation_before_training(
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("algorithm", ["norm", "value"])
-def test_a_meta_step_clips_its_meta_gradient_with_the_trainer_setting(model: FoundationModel, algorithm: str) -> None:
-    alpha, beta, clip = 0.2, 0.1, 1e-3
+def first_order_meta_gradient(
+    model: FoundationModel, alpha: float
+) -> tuple[ComponentState, list[TaskBatch], list[Tensor], list[Tensor]]:
+    """A random start, two batches, the parameters at the start and the first-order meta-gradient there."""
     components = model.component_names()
     start = random_state(model, 1)
     batches = make_batches(model)[:2]
-
     model.train()
     model.load_state(start)
     params = model.parameters_of(components)
@@ -356,43 +348,64 @@ def test_a_meta_step_clips_its_meta_gradient_with_the_trainer_setting(model: Fou
     result = meta_gradient(
         params, lambda: scratch.training_step(batches[0], 0), lambda: scratch.training_step(batches[1], 0), alpha
     )
-    gradients = [g.clone() for g in result.gradient]
-    if algorithm == "norm":
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in gradients))
-        assert norm > clip  # the clipping bites
-        gradients = [g * (clip / (float(norm) + 1e-6)) for g in gradients]
-    else:
-        gradients = [g.clamp(-clip, clip) for g in gradients]
-    expected = [p.detach() - beta * g for p, g in zip(params, gradients, strict=True)]
+    return start, batches, [p.detach().clone() for p in params], result.gradient
+
+
+def test_a_meta_step_clips_its_meta_gradient_norm_with_its_own_setting_not_the_trainers(
+    model: FoundationModel,
+) -> None:
+    alpha, beta, clip = 0.2, 0.1, 1e-3
+    components = model.component_names()
+    start, batches, params, meta = first_order_meta_gradient(model, alpha)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in meta))
+    assert norm > clip  # the clipping bites
+    gradients = [g * (clip / (float(norm) + 1e-6)) for g in meta]
+    expected = [p - beta * g for p, g in zip(params, gradients, strict=True)]
 
     model.load_state(start)
-    module = PerFedAvgModule(
-        model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, gradient_clip=(clip, algorithm)
-    )
+    module = PerFedAvgModule(model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, gradient_clip=clip)
+    # The trainer's own clip (which would clip the meta-gradient to 5.0 by value) is lifted for the fit.
     trainers = VisitTrainers({"accelerator": "cpu", "devices": 1, "gradient_clip_val": 5.0})
-    no_clipping = {"gradient_clip_val": None, "gradient_clip_algorithm": None}
-    trainer = trainers.fit_trainer(1, overrides=no_clipping)
+    trainer = trainers.fit_trainer(1, overrides=NO_CLIPPING)
     with quiet_lightning():
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     for p, want in zip(model.parameters_of(components), expected, strict=True):
         torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7)
 
 
-def test_the_algorithm_takes_its_clipping_from_the_trainer_settings() -> None:
-    algorithm = PerFedAvg()
-    algorithm.setup(fake_federation(gradient_clip_val=0.5, gradient_clip_algorithm="value"))
-    assert algorithm._gradient_clip == (0.5, "value")
-    algorithm.setup(fake_federation(gradient_clip_val=1.0))
-    assert algorithm._gradient_clip == (1.0, "norm")
-    algorithm.setup(fake_federation())
-    assert algorithm._gradient_clip is None
+def test_an_adam_outer_step_is_one_adam_step_of_the_meta_gradient(model: FoundationModel) -> None:
+    alpha, beta = 0.2, 0.01
+    components = model.component_names()
+    start, batches, params, meta = first_order_meta_gradient(model, alpha)
+    # Adam's first step from zero moments: m = (1-b1) g, v = (1-b2) g^2, bias-corrected to g and g^2, so the
+    # update is beta * g / (|g| + eps): a step of size ~beta on every coordinate with a gradient.
+    expected = [p - beta * g / (g.abs() + 1e-8) for p, g in zip(params, meta, strict=True)]
+
+    model.load_state(start)
+    module = PerFedAvgModule(model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, outer_optimizer="adam")
+    trainer = VisitTrainers({"accelerator": "cpu", "devices": 1}).fit_trainer(1)
+    with quiet_lightning():
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert isinstance(module.optimizers().optimizer, torch.optim.Adam)
+    for p, want in zip(model.parameters_of(components), expected, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_clip_only_warns_and_the_algorithm_clip_is_validated() -> None:
+    with pytest.warns(UserWarning, match="--algorithm.gradient_clip"):
+        PerFedAvg().setup(fake_federation(gradient_clip_val=1.0))
+    for bad in ({"gradient_clip": 0.0}, {"outer_optimizer": "rmsprop"}):
+        with pytest.raises(ValueError, match=r"algorithm\."):
+            PerFedAvg(**bad)
 
 
 @pytest.fixture
 def orchestrator(assets: dict[str, Path], tmp_path: Path) -> FederatedOrchestrator:
     config = write_config(assets, tmp_path / "run")
     args = ["--config", str(config), "--algorithm", "PerFedAvg", "--algorithm.alpha", "0.5"]
-    orchestrator = TaplCLI(args=[*args, "--algorithm.adapt_steps", "2"], run=False).orchestrator
+    # A trainer clip that would stop every step: Per-FedAvg's adaptation must not be clipped by it.
+    args += ["--algorithm.adapt_steps", "2", "--trainer.gradient_clip_val", "1e-9"]
+    orchestrator = TaplCLI(args=args, run=False).orchestrator
     assert orchestrator is not None
     without_dropout(orchestrator.model)
     orchestrator.data.setup()
