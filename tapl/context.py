@@ -55,6 +55,8 @@ class ClientUpdate:
 #: evaluation (e.g. Per-FedAvg adapting the global slice before its personalized model is scored).
 Stage = Literal["federation", "post-federation", "evaluation"]
 _STAGE_KEYS: dict[str, int] = {"federation": 0, "post-federation": 1, "evaluation": 2}
+#: Post-federation budgets count batches, as the TAP paper does: one optimizer step per batch.
+POST_FEDERATION_TRAINER: dict[str, Any] = {"accumulate_grad_batches": 1}
 
 
 class ClientContext:
@@ -122,7 +124,9 @@ class ClientContext:
         """Train ``state`` on this client's training data with one ``Trainer.fit``.
 
         Each fit draws its data order and randomness from ``(seed, stage, round, client, stream)``, so a visit
-        is reproducible and independent of what ran before it.
+        is reproducible and independent of what ran before it. In the post-federation stage a fit takes one
+        optimizer step per batch (``--trainer.accumulate_grad_batches`` does not apply), so its ``steps``
+        count batches of ``data.batch_size`` rows, as the paper's post-federation budgets do.
 
         Args:
             state: The tensors to start from (usually :attr:`global_state` or a personal model).
@@ -142,6 +146,8 @@ class ClientContext:
         """
         if stream is None:
             stream = self.new_stream()
+        if self.stage == "post-federation":
+            trainer_overrides = {**POST_FEDERATION_TRAINER, **(trainer_overrides or {})}
         return self.federation.fit_client(
             self.client,
             state,

@@ -20,7 +20,8 @@ class DistillationModule(ClientModule):
     tensors substituted (:meth:`FoundationModel.forward_with`), in evaluation mode and without gradients, so
     the teacher is deterministic and the student's randomness (dropout, data order) is the same as a plain
     fit's. The distillation loss of each task is its task type's
-    :meth:`~tapl.tasks.TaskType.distillation_loss` (softened KL for logits, MSE for images). A task with
+    :meth:`~tapl.tasks.TaskType.distillation_loss` in the task's form (softened KL for logits; MSE or a KL
+    over the width axis for images; a per-token mean or a per-sequence sum of KLs for text). A task with
     weight 0 skips the teacher's forward pass.
 
     Args:
@@ -28,6 +29,8 @@ class DistillationModule(ClientModule):
         teacher: The teacher's tensors, with the same components as the student.
         weights: Distillation weight per task name.
         temperature: Softmax temperature ``T`` (the KL is scaled by ``T^2``).
+        forms: Distillation loss form per task name (one of its type's ``distillation_forms``); a task
+            without one uses its type's default.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class DistillationModule(ClientModule):
         teacher: ComponentState,
         weights: Mapping[str, float],
         temperature: float = 1.0,
+        forms: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -47,6 +51,9 @@ class DistillationModule(ClientModule):
         self.teacher = teacher
         self.weights = dict(weights)
         self.temperature = temperature
+        self.forms = dict(forms or {})
+        for task, form in self.forms.items():
+            self.tasks[task].task_type.check_distillation_form(form)
 
     @override
     def on_fit_start(self) -> None:
@@ -68,5 +75,7 @@ class DistillationModule(ClientModule):
         if weight == 0:
             return task_loss
         teacher = self.teacher_outputs(task, part["inputs"])
-        distill = self.tasks[task].task_type.distillation_loss(outputs, teacher, part["targets"], self.temperature)
+        distill = self.tasks[task].task_type.distillation_loss(
+            outputs, teacher, part["targets"], self.temperature, self.forms.get(task)
+        )
         return task_loss + weight * distill

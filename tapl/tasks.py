@@ -104,13 +104,41 @@ class TaskType(ABC):
         """Human-readable predictions next to their targets, for inspection (none by default)."""
         return []
 
-    def distillation_loss(self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    #: The distillation losses this type offers (see :meth:`distillation_loss`); the first is the default.
+    distillation_forms: ClassVar[tuple[str, ...]] = ("kl",)
+
+    def distillation_loss(
+        self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float, form: str | None = None
+    ) -> Tensor:
         """How far ``outputs`` are from a teacher's ``teacher`` outputs on the same batch.
 
-        The default treats the last dimension as logits: ``T^2 * KL(softmax(teacher/T) || softmax(outputs/T))``
-        averaged over samples. Override for outputs that are not distributions (e.g. images).
+        The default form ``"kl"`` treats the last dimension as logits:
+        ``T^2 * KL(softmax(teacher/T) || softmax(outputs/T))`` averaged over samples. Types whose outputs are not
+        one distribution per sample (images, token sequences) override it and offer other forms.
+
+        Args:
+            outputs: The student's outputs.
+            teacher: The teacher's outputs on the same batch.
+            targets: The batch's targets (e.g. to leave padding out).
+            temperature: Softmax temperature ``T``.
+            form: One of :attr:`distillation_forms`; ``None``: the first.
         """
+        self.check_distillation_form(form)
         return softened_kl(outputs, teacher, temperature).mean()
+
+    def check_distillation_form(self, form: str | None) -> str:
+        """``form`` (or the default form when ``None``) if this type offers it.
+
+        Raises:
+            ValueError: naming the forms this type offers.
+        """
+        if form is None:
+            return self.distillation_forms[0]
+        if form not in self.distillation_forms:
+            raise ValueError(
+                f"Task type {self.name!r} has no distillation loss {form!r}; it offers {list(self.distillation_forms)}."
+            )
+        return form
 
 
 class Classification(TaskType):
@@ -169,9 +197,18 @@ class ImageGeneration(TaskType):
     def metrics(self, task: Task) -> MetricCollection:
         return MetricCollection({"mse": MeanSquaredError()})
 
-    def distillation_loss(self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
-        """Pixels are not a distribution: the mean squared difference to the teacher's image."""
-        return F.mse_loss(outputs.float(), teacher.float())
+    distillation_forms = ("mse", "width_kl")
+
+    def distillation_loss(
+        self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float, form: str | None = None
+    ) -> Tensor:
+        """``"mse"`` (default): pixels are not a distribution, so the mean squared difference to the teacher's
+        image. ``"width_kl"``: the TAP reference code's loss, each row of pixels (the image's last, width axis)
+        read as logits, ``T^2 * KL`` per row, summed over channels and rows and averaged over images (PyTorch's
+        ``kl_div(..., reduction="batchmean")`` on (batch, channels, height, width))."""
+        if self.check_distillation_form(form) == "mse":
+            return F.mse_loss(outputs.float(), teacher.float())
+        return softened_kl(outputs, teacher, temperature).flatten(1).sum(1).mean()
 
     def collate_targets(self, targets: list[Any], task: Task, context: HeadContext) -> Tensor:
         return context.preprocessors["image"](targets)["pixel_values"]
@@ -228,10 +265,24 @@ class TextGeneration(TaskType):
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten(), ignore_index=self.ignore_index)
 
-    def distillation_loss(self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float) -> Tensor:
-        """The softened KL of every position's token distribution, averaged over target tokens (no padding)."""
+    distillation_forms = ("token_mean", "sequence_sum")
+
+    def distillation_loss(
+        self, outputs: Tensor, teacher: Tensor, targets: Tensor, temperature: float, form: str | None = None
+    ) -> Tensor:
+        """The softened KL of every position's token distribution (``T^2 * KL``), reduced by ``form``:
+
+        - ``"token_mean"`` (default): averaged over target tokens, padding left out; its scale does not depend
+          on ``target_length``, like the task loss;
+        - ``"sequence_sum"``: the TAP reference code's ``kl_div(..., reduction="batchmean")`` on (batch, length,
+          vocabulary) logits, i.e. summed over every position, padding included, and averaged over sequences;
+          its weight is about ``target_length`` times the per-token mean's.
+        """
+        kl = softened_kl(outputs, teacher, temperature)
+        if self.check_distillation_form(form) == "sequence_sum":
+            return kl.sum(-1).mean()
         real = targets != self.ignore_index
-        return softened_kl(outputs, teacher, temperature)[real].sum() / real.sum().clamp_min(1)
+        return kl[real].sum() / real.sum().clamp_min(1)
 
     def metrics(self, task: Task) -> MetricCollection:
         metrics = {

@@ -69,6 +69,49 @@ def test_text_generation_distillation_averages_over_target_tokens_only() -> None
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
+def test_text_generation_sequence_sum_is_the_reference_batchmean_kl_over_every_position() -> None:
+    text = TaskType.get("text_generation")
+    student = torch.tensor([STUDENT[0], STUDENT[1], [9.0, 0.0, 0.0], STUDENT[1], [5.0, 5.0, 0.0], [0.0, 7.0, 1.0]])
+    teacher = torch.tensor([TEACHER[0], TEACHER[1], [0.0, 0.0, 9.0], TEACHER[0], [0.0, 0.0, 3.0], [4.0, 0.0, 0.0]])
+    targets = torch.tensor([[2, 0, 1], [1, text.ignore_index, text.ignore_index]])
+    loss = text.distillation_loss(student.view(2, 3, 3), teacher.view(2, 3, 3), targets, 1.5, "sequence_sum")
+    # Every position counts, padding included, summed per sequence and averaged over the 2 sequences.
+    every = sum(_kl_by_hand(s, t, 1.5) for s, t in zip(student.tolist(), teacher.tolist(), strict=True))
+    assert float(loss) == pytest.approx(every / 2, rel=1e-5)
+    # PyTorch's kl_div with reduction="batchmean" on (batch, length, vocab), as the reference code calls it.
+    reference = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student.view(2, 3, 3) / 1.5, -1),
+            torch.softmax(teacher.view(2, 3, 3) / 1.5, -1),
+            reduction="batchmean",
+        )
+        * 1.5**2
+    )
+    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    token_mean = text.distillation_loss(student.view(2, 3, 3), teacher.view(2, 3, 3), targets, 1.5)
+    assert float(loss) != pytest.approx(float(token_mean), rel=1e-2)
+
+
+def test_image_generation_width_kl_is_a_softmax_kl_over_each_row_of_pixels() -> None:
+    student = torch.tensor([[[[0.1, 0.5], [0.9, 0.0]]], [[[1.0, 0.0], [0.2, 0.2]]]])  # (2, 1, 2, 2)
+    teacher = torch.tensor([[[[0.3, 0.5], [0.4, 1.0]]], [[[0.0, 1.0], [0.7, 0.1]]]])
+    loss = TaskType.get("image_generation").distillation_loss(student, teacher, torch.zeros(2), 2.0, "width_kl")
+    rows = [
+        (s, t)
+        for si, ti in zip(student.tolist(), teacher.tolist(), strict=True)
+        for s, t in zip(si[0], ti[0], strict=True)
+    ]
+    expected = sum(_kl_by_hand(s, t, 2.0) for s, t in rows) / 2  # summed over rows, averaged over images
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_unknown_distillation_form_names_the_forms_of_the_type() -> None:
+    with pytest.raises(ValueError, match=r"'image_generation' has no distillation loss 'kl'.*\['mse', 'width_kl'\]"):
+        TaskType.get("image_generation").distillation_loss(
+            torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), 1.0, "kl"
+        )
+
+
 def test_image_generation_distillation_is_the_mse_to_the_teacher_image() -> None:
     student = torch.tensor([[[0.1, 0.5], [0.9, 0.0]]])
     teacher = torch.tensor([[[0.3, 0.5], [0.4, 1.0]]])

@@ -11,6 +11,7 @@ import torch
 import yaml
 from models.test_flava_vilt import LORA, flava_path, vilt_path  # noqa: F401  (fixtures)
 
+from tapl.algorithms.tap import REFERENCE_DISTILL_LOSSES
 from tapl.cli import main
 from tapl.datamodules import ClientGroup, FederatedDataModule, Grouped, TaskData
 from tapl.models.flava import FlavaFusion, FlavaImageEncoder, FlavaTextEncoder
@@ -59,6 +60,8 @@ def test_the_config_parses_with_30_clients_in_3_groups(
     assert (margins["image,classification"], margins["text_generation"]) == (high, high)
     assert (margins["image_generation"], margins["text,classification"]) == (low, low)
     assert algorithm["init_args"]["distill_weights"] == {"text,classification": 1.0, "default": 2e-3}
+    # The reference code's distillation losses (a width-axis KL for images, a per-sequence sum for text).
+    assert algorithm["init_args"]["distill_losses"] == REFERENCE_DISTILL_LOSSES
 
 
 def _image(rng: np.random.Generator, mode: str) -> object:

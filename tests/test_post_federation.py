@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from helpers import fit_tiny, tiny_config
+from helpers import BatchCounter, fit_tiny, tiny_config, write_tiny_config
 
 from tapl.cli import TaplCLI
 from tapl.plateau import Plateau
@@ -33,7 +33,7 @@ def test_every_algorithm_with_a_global_model_reports_its_fine_tuned_variant(
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["models"]) == {"global", "global+FT", "personalized"}
     assert results["models"]["global+FT"]["label"] == "FedAvg+FT"
-    assert "3 steps at lr 0.05" in results["models"]["global+FT"]["description"]
+    assert "3 batches at lr 0.05" in results["models"]["global+FT"]["description"]
     assert set(results["per_client"]["global+FT"]) == {"0", "1", "2", "3"}
     # Fine-tuning changed every client's model.
     for client, per_task in results["per_client"]["global+FT"].items():
@@ -45,6 +45,24 @@ def test_every_algorithm_with_a_global_model_reports_its_fine_tuned_variant(
     finetuned = torch.load(run_dir / "checkpoints" / "final" / "state.pt", weights_only=True)["post_federation"]
     assert sorted(finetuned["finetuned"]) == ["0", "1", "2", "3"]
     assert "| 2 | shapes | FedAvg+FT |" in (run_dir / "results.md").read_text()
+
+
+def test_post_federation_budgets_count_batches_under_gradient_accumulation(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    config = write_tiny_config(assets, tmp_path / "run")
+    cli = TaplCLI(args=["--config", str(config), "--trainer.accumulate_grad_batches", "2"], run=False)
+    orchestrator = cli.orchestrator
+    assert orchestrator is not None
+    orchestrator.data.setup()
+    seen = {}
+    for stage in ("federation", "post-federation"):
+        ctx = orchestrator.client_context(0, stage=stage)
+        counter = BatchCounter()
+        result = ctx.fit(ctx.global_state, steps=3, callbacks=[counter])
+        seen[stage] = (result.steps, counter.batches)
+    assert seen["federation"] == (3, 6)  # a round's fit accumulates 2 batches per optimizer step
+    assert seen["post-federation"] == (3, 3)  # after the rounds, one step per batch: steps count batches
 
 
 def test_fine_tuning_can_be_switched_off(assets: dict[str, Path], tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ Stage 1, every round: a sampled client trains the received global slice, then, t
 every component on the task's path into its personal model when the trained global slice's loss beats the
 personal model's by the task's margin; the personal model then trains on the plain task loss. Only the
 global slice is uploaded, and the server averages like FedAvg. Stage 2, after the last round: the personal
-model is distilled from the engine's fine-tuned global slice (the FedAvg+FT model).
+model is distilled from the engine's fine-tuned global slice (the FedAvg+FT model) for its own budget.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ FLAVA_MARGINS: dict[str, float] = {
 }
 #: The paper's distillation weights: 1.0 for text classification, 2e-3 for everything else.
 DISTILL_WEIGHTS: dict[str, float] = {"text,classification": 1.0, "default": 2e-3}
+#: The TAP reference code's distillation losses where a task type offers several (see ``distill_losses``).
+REFERENCE_DISTILL_LOSSES: dict[str, str] = {"image_generation": "width_kl", "text_generation": "sequence_sum"}
 #: The replacement plot written to the run directory.
 REPLACEMENT_PLOT = "replacements.png"
 
@@ -44,8 +46,8 @@ REPLACEMENT_PLOT = "replacements.png"
 class TAP(FedAvg):
     """Two-stage adaptive personalization.
 
-    Per-task settings (``margins``, ``distill_weights``) are tables whose keys are, from most to least
-    specific, a task name (``digits``), a modality-task pair (``image,classification``,
+    Per-task settings (``margins``, ``distill_weights``, ``distill_losses``) are tables whose keys are, from
+    most to least specific, a task name (``digits``), a modality-task pair (``image,classification``,
     ``image+text,classification``), a task type (``image_generation``) or ``default``; a task takes the
     value of its most specific key. A table given in the config replaces the default table.
 
@@ -61,6 +63,18 @@ class TAP(FedAvg):
             model's loss on the client's validation split after its fit.
         distill_weights: Stage-2 distillation weight ``lambda`` per task. Defaults: 1.0 for text
             classification, 2e-3 otherwise. ``lambda = 0`` for every task is "TAP without distillation".
+        distill_losses: Stage-2 distillation loss per task, among its task type's forms (see
+            :meth:`~tapl.tasks.TaskType.distillation_loss`): classification ``kl``; image generation ``mse``
+            (tapl's default: pixels are not a distribution) or ``width_kl`` (the reference code's softmax KL
+            over the width axis); text generation ``token_mean`` (tapl's default: the KL averaged over target
+            tokens) or ``sequence_sum`` (the reference code's ``kl_div(reduction="batchmean")`` on (batch,
+            length, vocabulary) logits: summed over positions, padding included, so ``target_length`` times
+            the weight of the per-token mean). A task without an entry uses its type's default.
+            ``REFERENCE_DISTILL_LOSSES`` holds the reference's choices; the paper configs use them.
+        distill_steps: Batches of stage-2 training, each one optimizer step (no gradient accumulation), for
+            the distilled student and the undistilled ablation alike; ``None``: ``federation.finetune_steps``
+            (the teacher's budget, as the paper).
+        distill_lr: Learning rate of stage 2; ``None``: ``federation.finetune_lr``.
         temperature: Stage-2 softmax temperature ``T``.
         weighting: Server aggregation weights, as :class:`FedAvg`.
     """
@@ -71,6 +85,9 @@ class TAP(FedAvg):
         replacement: Literal["adaptive", "never", "always"] = "adaptive",
         criterion: Literal["train", "val"] = "train",
         distill_weights: dict[str, float] | None = None,
+        distill_losses: dict[str, str] | None = None,
+        distill_steps: int | None = None,
+        distill_lr: float | None = None,
         temperature: float = 1.0,
         weighting: Literal["samples", "uniform"] = "samples",
     ) -> None:
@@ -81,10 +98,17 @@ class TAP(FedAvg):
             raise ValueError(f"algorithm.criterion must be 'train' or 'val', got {criterion!r}")
         if temperature <= 0:
             raise ValueError(f"algorithm.temperature must be > 0, got {temperature}")
+        if distill_steps is not None and distill_steps < 1:
+            raise ValueError(f"algorithm.distill_steps must be >= 1 or null, got {distill_steps}")
+        if distill_lr is not None and distill_lr <= 0:
+            raise ValueError(f"algorithm.distill_lr must be > 0 or null, got {distill_lr}")
         self.margins = dict(FLAVA_MARGINS if margins is None else margins)
         self.replacement = replacement
         self.criterion = criterion
         self.distill_weights = dict(DISTILL_WEIGHTS if distill_weights is None else distill_weights)
+        self.distill_losses = dict(distill_losses or {})
+        self.distill_steps = distill_steps
+        self.distill_lr = distill_lr
         self.temperature = temperature
         self.personal = PersonalModels()
         #: Per client and task, the personal model's loss from its last fit (``hP``; +inf before the first).
@@ -118,8 +142,8 @@ class TAP(FedAvg):
         return {
             "no_distillation": {
                 "label": f"{self.label} w/o distillation",
-                "description": "the stage-1 personal model trained for the same post-federation steps, data order "
-                "and learning rate as the distilled one, on the task loss alone (lambda = 0)",
+                "description": "the stage-1 personal model trained for the same post-federation batches, data "
+                "order and learning rate as the distilled one, on the task loss alone (lambda = 0)",
             }
         }
 
@@ -128,13 +152,26 @@ class TAP(FedAvg):
     @staticmethod
     def lookup(table: Mapping[str, float], task: Task, what: str) -> float:
         """The value of ``task`` in a per-task table (task name, pair, type, then ``default``)."""
-        for key in (task.name, task.pair, task.type, "default"):
-            if key in table:
-                return float(table[key])
+        value = TAP.find(table, task)
+        if value is not None:
+            return float(value)
         raise ValueError(
             f"algorithm.{what} has no entry for task {task.name!r}: add one of {task.name!r}, {task.pair!r}, "
             f"{task.type!r} or 'default'."
         )
+
+    @staticmethod
+    def find(table: Mapping[str, Any], task: Task) -> Any:
+        """The entry of ``task``'s most specific key in ``table`` (task name, pair, type, ``default``), or
+        ``None``."""
+        for key in (task.name, task.pair, task.type, "default"):
+            if key in table:
+                return table[key]
+        return None
+
+    def distill_loss(self, task: Task) -> str:
+        """The stage-2 distillation loss form of ``task`` (its type's default without an entry)."""
+        return task.task_type.check_distillation_form(self.find(self.distill_losses, task))
 
     def margin(self, task: Task) -> float:
         """The replacement margin ``eps`` of ``task`` under the ``replacement`` setting."""
@@ -161,6 +198,10 @@ class TAP(FedAvg):
         for task in tasks:
             self.margin(task)
             self.lookup(self.distill_weights, task, "distill_weights")
+            try:
+                self.distill_loss(task)
+            except ValueError as error:
+                raise ValueError(f"algorithm.distill_losses, task {task.name!r}: {error}") from None
         # The personal model of a client not visited yet: its slice of the initial model.
         self.personal.start_from(federation.global_state)
 
@@ -241,11 +282,15 @@ class TAP(FedAvg):
         cid = ctx.client.id
         tasks = [self.federation.data.tasks[name] for name in ctx.client.tasks]
         weights = {t.name: self.lookup(self.distill_weights, t, "distill_weights") for t in tasks}
+        forms = {t.name: self.distill_loss(t) for t in tasks}
         personal = self.personal.model(cid, ctx.components)
-        stream = ctx.new_stream()
-        budget = {"steps": config.finetune_steps, "lr": config.finetune_lr, "stream": stream}
+        budget = {
+            "steps": self.distill_steps or config.finetune_steps,
+            "lr": self.distill_lr or config.finetune_lr,
+            "stream": ctx.new_stream(),
+        }
         student_module = partial(
-            DistillationModule, teacher=ctx.finetuned, weights=weights, temperature=self.temperature
+            DistillationModule, teacher=ctx.finetuned, weights=weights, temperature=self.temperature, forms=forms
         )
         student = ctx.fit(personal, module_class=student_module, **budget)
         check_finite(student.state, "the distilled personal model")
@@ -255,6 +300,7 @@ class TAP(FedAvg):
         self.undistilled[cid] = plain.state
         return {
             "distill_weights": weights,
+            "distill_losses": forms,
             "val": {
                 "teacher": ctx.evaluate(ctx.finetuned, "val"),
                 "student": ctx.evaluate(student.state, "val"),

@@ -245,3 +245,57 @@ def test_a_failed_visit_leaves_the_personal_model_untouched() -> None:
         tap.client_update(ctx)  # type: ignore[arg-type]
     assert all(equal(tap.personal[0][c], before[c]) for c in COMPONENTS)
     assert len(tap.replacements) == 2 and tap.personal_loss[0] == {"a": 1.0, "b": 1.0}
+
+
+class ScriptedStage2(ScriptedVisit):
+    """A post-federation visit that records the settings of each fit."""
+
+    def __init__(self) -> None:
+        super().__init__(3, global_slice(), {}, {})
+        self.stage = "post-federation"
+        self.finetuned = global_slice(0.5)
+        self.calls: list[dict[str, Any]] = []
+
+    def new_stream(self) -> int:
+        return 7
+
+    def fit(self, state: ComponentState, **kwargs: Any) -> FitResult:
+        self.calls.append(kwargs)
+        return FitResult(state, {}, steps=kwargs["steps"])
+
+
+def stage2(**kwargs: Any) -> ScriptedStage2:
+    tasks = {**TASKS, "g": Task(name="g", type="image_generation", modalities=("image",))}
+    tap = TAP(**kwargs)
+    federation = SimpleNamespace(
+        config=SimpleNamespace(finetune_steps=5, finetune_lr=1e-4),
+        data=SimpleNamespace(tasks=tasks),
+        global_state=INITIAL,
+    )
+    tap.setup(federation)  # type: ignore[arg-type]
+    ctx = ScriptedStage2()
+    ctx.client = ClientSpec(0, ("a", "g"))
+    ctx.record = tap.finalize_client(ctx)  # type: ignore[arg-type, attr-defined]
+    return ctx
+
+
+def test_stage_two_has_its_own_budget_and_forms_and_defaults_to_the_teachers() -> None:
+    ctx = stage2(distill_steps=40, distill_lr=5e-4, distill_losses={"image_generation": "width_kl"})
+    student, plain = ctx.calls
+    for call in (student, plain):
+        assert (call["steps"], call["lr"], call["stream"]) == (40, 5e-4, 7)  # the same budget and data order
+    assert student["module_class"].keywords["forms"] == {"a": "kl", "g": "width_kl"}
+    assert "module_class" not in plain
+    assert ctx.record["distill_losses"] == {"a": "kl", "g": "width_kl"}  # type: ignore[attr-defined]
+
+    defaults = stage2()
+    assert all((call["steps"], call["lr"]) == (5, 1e-4) for call in defaults.calls)
+    assert defaults.calls[0]["module_class"].keywords["forms"] == {"a": "kl", "g": "mse"}
+
+
+def test_a_distillation_loss_the_task_type_lacks_fails_at_setup() -> None:
+    with pytest.raises(ValueError, match=r"distill_losses, task 'a'.*'classification' has no distillation loss"):
+        make_tap(distill_losses={"a": "width_kl"})
+    for bad in ({"distill_steps": 0}, {"distill_lr": 0.0}):
+        with pytest.raises(ValueError, match=r"algorithm\.distill"):
+            TAP(**bad)
