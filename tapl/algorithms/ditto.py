@@ -28,7 +28,10 @@ class Ditto(FedAvg):
     Args:
         lam: Weight ``lambda`` of the proximal term pulling the personal model towards the received global
             slice; ``0`` trains it on the task loss alone (local training), larger values keep it closer to
-            the global model. Default 0.1; the paper tunes it per dataset.
+            the global model. Default 0.1; the paper tunes it per dataset with SGD. Under an adaptive
+            optimizer such as AdamW (the demo's ``--optimizer``) the task and proximal gradients are
+            normalised together, so its scale differs from the paper's: what counts is
+            ``lam * |v - w|`` next to the task gradient (see :class:`~tapl.algorithms.FedProx`).
         personal_steps: Optimizer steps of the personal model per visit (default: ``federation.local_steps``).
         weighting: Server aggregation weights, as :class:`FedAvg`.
     """

@@ -34,8 +34,16 @@ class FedProx(FedAvg):
     themselves are half precision (``w_global`` is not representable and ``lr * mu * (w - w_global)`` rounds
     away) and with ``64-true`` the float32 term is coarser than the weights, so :meth:`setup` rejects them.
 
+    The FedProx paper tunes ``mu`` (0.001 to 1) for plain SGD, where the term pulls each step back by
+    ``lr * mu * (w - w_global)``. Under an adaptive optimizer such as AdamW (the demo's and the paper configs'
+    ``--optimizer``) the gradient is divided by its running RMS, task and proximal parts together: the step
+    no longer scales with ``mu``, and what counts is ``mu * |w - w_global|`` next to the task gradient. As a
+    visit of a few AdamW steps moves a tensor by roughly ``local_steps * lr``, values tuned for SGD do not
+    transfer: sweep ``mu`` with your optimizer (``experiments/sweeps.md`` holds the demo's sweep).
+
     Args:
-        mu: Weight of the proximal term (``mu >= 0``; ``0`` is FedAvg).
+        mu: Weight of the proximal term (``mu >= 0``; ``0`` is FedAvg). Default 0.01 (the FedProx paper's
+            SGD range); its effect under AdamW differs, see above.
         weighting: Server aggregation weights: ``"samples"`` (training rows) or ``"uniform"``, as :class:`FedAvg`.
     """
 
