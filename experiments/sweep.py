@@ -4,8 +4,9 @@ Every point of the grid is an ordinary ``tapl fit`` of the same configuration in
 differing only in ``--algorithm.NAME VALUE`` settings; a finished run is reused, so re-running the command
 only rebuilds the table. The table (printed, and written to ``RUN_DIR/sweep.md``) gives per setting:
 
-- the training loss of the round's local fits (each task's mean over the clients that trained it, averaged
-  over tasks) in the first and the last round, and the last round's value relative to the first;
+- how the training loss of the local fits fell: per task, its mean over the clients that trained it in the
+  last round that trained it, divided by the same in the first such round (rounds sample different clients,
+  so only a task's own values are compared), averaged over the tasks;
 - per task type, the primary metric on the test split of the global and the personalized model
   (sample-weighted over clients).
 
@@ -52,17 +53,20 @@ def point_name(point: Mapping[str, str]) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items()) or "default"
 
 
-def train_loss_by_round(records: Sequence[Mapping[str, Any]]) -> list[float]:
-    """Per round, the tasks' mean training loss over the clients that trained them, averaged over tasks."""
-    out = []
+def relative_train_loss(records: Sequence[Mapping[str, Any]]) -> float:
+    """Per task, the clients' mean training loss in the last round that trained it over the same in the first,
+    averaged over the tasks."""
+    by_task: dict[str, list[float]] = {}
     for record in records:
         per_task: dict[str, list[float]] = {}
         for metrics in record["train"].values():
             for key, value in metrics.items():
                 if key.startswith("train_loss/"):
                     per_task.setdefault(key.removeprefix("train_loss/"), []).append(value)
-        out.append(sum(sum(v) / len(v) for v in per_task.values()) / len(per_task) if per_task else float("nan"))
-    return out
+        for task, values in per_task.items():
+            by_task.setdefault(task, []).append(sum(values) / len(values))
+    ratios = [values[-1] / values[0] for values in by_task.values()]
+    return sum(ratios) / len(ratios) if ratios else float("nan")
 
 
 def table(rows: Sequence[tuple[str, Path]]) -> str:
@@ -71,13 +75,13 @@ def table(rows: Sequence[tuple[str, Path]]) -> str:
     lines: list[str] = []
     for setting, directory in rows:
         results = json.loads((directory / "results.json").read_text())
-        losses = train_loss_by_round(RunDirectory(directory).read_metrics())
+        relative = relative_train_loss(RunDirectory(directory).read_metrics())
         types = type_metrics(results)
         if header is None:
-            header = ["setting", "train loss round 1", "train loss last round", "last / first"]
+            header = ["setting", "train loss last / first"]
             header += [f"{t} {m} {model}" for t, (m, _) in types.items() for model in MODELS]
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        cells = [f"`{setting}`", f"{losses[0]:.4f}", f"{losses[-1]:.4f}", f"{losses[-1] / losses[0]:.3f}"]
+        cells = [f"`{setting}`", f"{relative:.3f}"]
         summary = results["summary_task_type"]
         for task_type, (metric, _) in types.items():
             for model in MODELS:
