@@ -9,8 +9,10 @@ A sampled client trains its slice ``w`` of the global model with meta-steps, eac
   ``w <- w - beta * (I - alpha * H(w; D3)) grad L(w'; D2)``, where the Hessian-vector product is exact (double
   backward), not the finite difference of gradients the paper also allows.
 
-The server averages the uploads like FedAvg. A client's personalized model is its slice of the global model
-after ``adapt_steps`` plain SGD steps at ``alpha`` on its own training data.
+The outer step applies the meta-gradient with Adam at ``beta`` (tapl's default, from a sweep on the demo) or
+with the paper's plain SGD step written above. The server averages the uploads like FedAvg. A client's
+personalized model is its slice of the global model after ``adapt_steps`` plain SGD steps at ``alpha`` on its
+own training data.
 
 The math lives in pure functions over a list of parameters and loss closures (:func:`meta_gradient`,
 :func:`hessian_vector_product`); :class:`PerFedAvgModule` feeds them a client's batches under Lightning's
@@ -282,8 +284,8 @@ class PerFedAvg(FedAvg):
 
     Each local fit runs ``federation.local_steps`` meta-steps (see :class:`PerFedAvgModule`), each on 2
     (first-order) or 3 (Hessian-free) batches of ``data.batch_size`` rows; the server averages like FedAvg.
-    The inner steps and the adaptation are plain SGD at ``alpha``; the outer step is SGD (the paper) or Adam
-    at ``beta``. ``--optimizer`` applies only to the engine's "+FT" fine-tuning, and
+    The inner steps and the adaptation are plain SGD at ``alpha``; the outer step is Adam (tapl's default) or
+    SGD (the paper's) at ``beta``. ``--optimizer`` applies only to the engine's "+FT" fine-tuning, and
     ``federation.warmup_rounds`` does not apply.
 
     Clipping is this algorithm's own setting: ``gradient_clip`` bounds each meta-gradient's norm, and
@@ -301,14 +303,17 @@ class PerFedAvg(FedAvg):
     meta-model's loss on each meta-step's first batch) and the mean losses before (``L(w; D1)``) and after
     (``L(w'; D2)``) the inner adaptation step as ``loss_before_adaptation`` and ``loss_after_adaptation``.
 
+    The defaults (Adam outer step, ``alpha = 0.01``, ``beta = 1e-3``) come from a sweep on the demo
+    (``experiments/sweeps.md``): the paper's plain SGD outer step at ``beta`` up to 0.05 left the image decoder
+    and text decoder almost untrained in 8 rounds, and ``alpha = 0.05`` made the meta-model's text generation
+    diverge. ``outer_optimizer: sgd`` is the paper's method.
+
     Args:
-        alpha: Inner (adaptation) step size, also the personalization step size.
-        beta: Outer (meta) step size.
         variant: ``"first_order"`` (Per-FedAvg (FO)) or ``"hessian_free"`` (Per-FedAvg (HF), exact
             Hessian-vector products on a third batch).
         adapt_steps: SGD steps at ``alpha`` on the client's training data that personalize the global slice.
-        outer_optimizer: ``"sgd"``, the paper's plain SGD outer step, or ``"adam"`` (Adam at ``beta``, its
-            moments kept for one visit like the local optimizer of the other algorithms).
+        outer_optimizer: ``"adam"`` (Adam at ``beta``, its moments kept for one visit like the local
+            optimizer of the other algorithms), or ``"sgd"``, the paper's plain SGD outer step.
         gradient_clip: The largest L2 norm of a meta-gradient before the outer step; ``None``: no clipping.
         weighting: Server aggregation weights, as :class:`FedAvg`.
     """
@@ -319,7 +324,7 @@ class PerFedAvg(FedAvg):
         beta: float = 0.001,
         variant: Literal["first_order", "hessian_free"] = "first_order",
         adapt_steps: int = 1,
-        outer_optimizer: OuterOptimizer = "sgd",
+        outer_optimizer: OuterOptimizer = "adam",
         gradient_clip: float | None = None,
         weighting: Literal["samples", "uniform"] = "samples",
     ) -> None:

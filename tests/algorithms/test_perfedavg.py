@@ -289,7 +289,7 @@ def test_sgd_module_needs_a_fixed_learning_rate(model: FoundationModel) -> None:
 
 def test_names_and_validation() -> None:
     first, hessian_free = PerFedAvg(), PerFedAvg(variant="hessian_free", adapt_steps=2)
-    assert (first.alpha, first.beta, first.adapt_steps) == (0.01, 0.001, 1)
+    assert (first.alpha, first.beta, first.adapt_steps, first.outer_optimizer) == (0.01, 0.001, 1, "adam")
     assert first.label == "Per-FedAvg (FO)" and hessian_free.label == "Per-FedAvg (HF)"
     assert first.global_label != first.personalized_label
     assert "2 SGD steps" in hessian_free.personalized_description
