@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -195,3 +198,14 @@ class BatchCounter(Callback):
 
     def on_train_batch_end(self, *args: object) -> None:
         self.batches += 1
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``experiments/<name>.py`` (a script, not a package module) as the module ``name``."""
+    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_config
+from helpers import load_script, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
-
-SCRIPT = Path(__file__).parents[1] / "experiments" / "k_sweep.py"
 
 
 @pytest.fixture(scope="module")
 def k_sweep():
-    spec = importlib.util.spec_from_file_location("k_sweep", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["k_sweep"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("k_sweep")
 
 
 def test_each_k_keeps_the_clients_and_the_data_budget(k_sweep, assets: dict[str, Path], tmp_path: Path) -> None:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_config
-
-SCRIPT = Path(__file__).parents[1] / "experiments" / "sweep.py"
+from helpers import load_script, tiny_config
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sweep")
 
 
 def test_the_grid_is_every_combination_in_order(sweep) -> None:
