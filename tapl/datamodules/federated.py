@@ -12,24 +12,28 @@ from __future__ import annotations
 import logging
 import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.partitioners import IID, Partitioner
-from tapl.models.encoders import Preprocessor, UnreadableValue
+from tapl.datamodules.validation import ROW_COLUMN, check_rows, drop_missing
+from tapl.errors import DataError
+from tapl.models.encoders import Preprocessor
 from tapl.tasks import Task
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-ROW_COLUMN = "__row__"
 
 
 class _RowFormatter(string.Formatter):
@@ -120,6 +124,9 @@ class TaskData:
             layer, no idf weighting). ``None``: no BERTScore.
         meteor: Text generation: also score the generated text with METEOR (``meteor``, NLTK's, with
             WordNet synonyms). Needs ``pip install 'tapl[metrics]'`` and NLTK's WordNet data.
+        drop_missing: Drop the rows that miss a value the task reads (a null, or a text that is empty or only
+            white space) before the split, counting them in a warning. ``False``: such a row stops the run
+            before training, named by task, client, split, row and column.
     """
 
     name: str
@@ -139,6 +146,7 @@ class TaskData:
     target_template: str | None = None
     bertscore_model: str | None = None
     meteor: bool = False
+    drop_missing: bool = False
 
     def __post_init__(self) -> None:
         if self.target_template is not None:
@@ -317,7 +325,7 @@ class FederatedDataModule:
                 continue
             splits = self._load_splits(spec, np.random.default_rng([self.seed, index]))
             rng = np.random.default_rng([self.seed, index, 1])
-            labels = {s: self._labels(spec, rows) for s, rows in splits.items()}
+            labels = {s: self._labels(spec, rows, s) for s, rows in splits.items()}
             proportions = self.partitioner.proportions(
                 labels["train"], len(holders), self._num_label_classes(spec), rng, groups=groups
             )
@@ -336,35 +344,28 @@ class FederatedDataModule:
                         )
         self._datasets = {c: {s: ClientDataset(p) for s, p in parts.items()} for c, parts in per_client.items()}
 
-    def check_inputs(self, preprocessors: Mapping[str, Preprocessor], chunk: int = 512) -> None:
-        """Run every input value once through its modality's preprocessor, before any training.
+    def check_values(self, preprocessors: Mapping[str, Preprocessor]) -> None:
+        """Check every value the tasks read, once, before any training (see :mod:`tapl.datamodules.validation`).
 
-        An unreadable value (an image that fails to decode or has the wrong size) stops the run here with a
-        message naming the task, client, split, row and column; texts longer than the text encoder's limit
-        are counted and reported (they are truncated).
+        A missing value (null or empty text), an unreadable input (an image that fails to decode, has the wrong
+        size or non-finite pixels) or a target that cannot be collated stops the run here with a message naming
+        the task, client, split, row and column; texts longer than the text encoder's limit are counted and
+        reported (they are truncated).
 
         Raises:
-            ValueError: naming the first unreadable value.
+            DataError: naming the first bad value.
         """
         truncated: dict[tuple[str, str], int] = {}
         for client in self.clients:
             for split in SPLITS:
                 for spec, rows in self.dataset(client.id, split).parts:
-                    for modality, column in spec.inputs.items():
-                        for start in range(0, len(rows), chunk):
-                            part = rows.select(range(start, min(start + chunk, len(rows))))
-                            values = [render(column, r) for r in part] if is_template(column) else part[column]
-                            try:
-                                altered = preprocessors[modality].check(values)
-                            except UnreadableValue as error:
-                                row = rows[start + error.index][ROW_COLUMN]
-                                raise ValueError(
-                                    f"Task {spec.name!r} (client {client.id}, {split} split): row {row} of "
-                                    f"{spec.dataset!r} split {spec.split!r}, column {column!r}, is not a readable "
-                                    f"{modality}: {error}"
-                                ) from error
-                            key = (spec.name, column)
-                            truncated[key] = truncated.get(key, 0) + altered
+                    locate = _locator(spec, f"client {client.id}, {split} split", rows)
+                    task = self.tasks[spec.name]
+                    altered = check_rows(
+                        task, spec.inputs, spec.target, spec.columns(), rows, preprocessors, render, locate
+                    )
+                    for column, count in altered.items():
+                        truncated[(spec.name, column)] = truncated.get((spec.name, column), 0) + count
         for (task, column), count in truncated.items():
             if count:
                 log.warning(
@@ -392,10 +393,18 @@ class FederatedDataModule:
         missing = [f for f in files if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
         if missing:
             raise FileNotFoundError(f"Task {spec.name!r}: data file(s) not found: {missing}")
+        if spec.dataset == "parquet" and files and sum(_parquet_rows(f) for f in files) == 0:
+            raise DataError(f"Task {spec.name!r}: {files!r} hold no rows.")
         try:
-            pool = load_dataset(spec.dataset, data_files=data_files, split=spec.split)
+            with _quiet_datasets():
+                pool = load_dataset(spec.dataset, data_files=data_files, split=spec.split)
         except Exception as error:
-            raise RuntimeError(f"Task {spec.name!r}: could not load dataset {spec.dataset!r}: {error}") from error
+            source = files or spec.dataset
+            raise DataError(
+                f"Task {spec.name!r}: could not load {source!r} as {spec.dataset!r}: {_root_cause(error)}"
+            ) from None
+        if len(pool) == 0:
+            raise DataError(f"Task {spec.name!r}: {files or spec.dataset!r} split {spec.split!r} holds no rows.")
         columns = spec.columns()
         for source in [*spec.inputs.values(), spec.target]:
             if is_template(source):
@@ -411,6 +420,10 @@ class FederatedDataModule:
         pool = pool.select_columns(sorted(set(columns)))
         # The row's position in the loaded split, so errors can point at it after shuffles and partitions.
         pool = pool.add_column(ROW_COLUMN, np.arange(len(pool)))
+        if spec.drop_missing:
+            pool = drop_missing(pool, columns, spec.name)
+            if len(pool) == 0:
+                raise DataError(f"Task {spec.name!r}: every row misses a value; none is left.")
         order = rng.permutation(len(pool))
         if spec.max_rows is not None:
             order = order[: spec.max_rows]
@@ -423,18 +436,27 @@ class FederatedDataModule:
         }
         return {s: pool.select(np.sort(cuts[s])) for s in SPLITS}
 
-    def _labels(self, spec: TaskData, rows: Any) -> np.ndarray:
+    def _labels(self, spec: TaskData, rows: Any, split: str) -> np.ndarray:
         task = self.tasks[spec.name]
         if task.type != "classification":
             return np.zeros(len(rows), dtype=np.int64)
-        labels = np.asarray(rows[spec.target])
+        values = rows[spec.target]
+        # The client is not known yet: the partition needs every label.
+        locate = _locator(spec, f"{split} split, before the partition", rows)
+        missing = next((i for i, v in enumerate(values) if v is None), None)
+        if missing is not None:
+            raise DataError(
+                f"{locate(missing, spec.target)} is null: fill it, or drop such rows with the task's "
+                "`drop_missing: true`"
+            )
+        labels = np.asarray(values)
         if labels.size and (not np.issubdtype(labels.dtype, np.integer)):
-            raise ValueError(f"Task {spec.name!r}: target column {spec.target!r} must hold integer class indices.")
+            raise DataError(f"Task {spec.name!r}: target column {spec.target!r} must hold integer class indices.")
         bad = np.flatnonzero((labels < 0) | (labels >= task.num_classes))
         if bad.size:
-            raise ValueError(
-                f"Task {spec.name!r}: column {spec.target!r} holds label {labels[bad[0]]} (row {bad[0]} of its "
-                f"split) outside [0, {task.num_classes}); {bad.size} such rows."
+            raise DataError(
+                f"{locate(int(bad[0]), spec.target)} holds label {labels[bad[0]]} outside [0, {task.num_classes}); "
+                f"{bad.size} such rows in this split."
             )
         return labels.astype(np.int64)
 
@@ -486,3 +508,45 @@ class FederatedDataModule:
             "clients": [list(c.tasks) for c in self.clients],
             "groups": [c.group for c in self.clients],
         }
+
+
+def _locator(spec: TaskData, where: str, rows: Any) -> Callable[[int, str], str]:
+    """Describes row ``index`` of ``rows`` (a part of ``spec``'s data, ``where`` it lies) and a column, for errors."""
+
+    def locate(index: int, column: str) -> str:
+        # Only the row-number column is read: the row's other values may be what cannot be decoded.
+        return (
+            f"Task {spec.name!r} ({where}): row {rows[ROW_COLUMN][index]} of {spec.dataset!r} split {spec.split!r}, "
+            f"column {column!r},"
+        )
+
+    return locate
+
+
+def _parquet_rows(path: str) -> int:
+    """Rows of a local parquet file; -1 when it cannot be read here (a pattern, a remote or damaged file), which
+    loading then reports."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError, pa.ArrowException):
+        return -1
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence ``datasets``' own error logs while loading: a failure is reported once, in tapl's error."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of ``error``, in one line (``datasets`` wraps a reader's error in two others)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -105,7 +105,10 @@ class TextPreprocessor(Preprocessor):
 
 
 class ImagePreprocessor(Preprocessor):
-    """Turns images (PIL images, arrays, or flat lists of pixels in [0, 1]) into ``(B, C, H, W)`` floats."""
+    """Turns images (PIL images, arrays, or flat lists of pixels in [0, 1]) into ``(B, C, H, W)`` floats.
+
+    Raises ``ValueError`` for an array of the wrong size or with non-finite values.
+    """
 
     def __init__(self, image_size: int, channels: int) -> None:
         self.image_size = image_size
@@ -124,6 +127,9 @@ class ImagePreprocessor(Preprocessor):
                 f"image has {array.size} values, expected {expected} "
                 f"({self.channels} x {self.image_size} x {self.image_size})"
             )
+        if not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise ValueError(f"image has {bad} non-finite pixel value(s) (NaN or infinity)")
         return array
 
     def __call__(self, values: Sequence[Any]) -> dict[str, Tensor]:

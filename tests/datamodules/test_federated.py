@@ -79,7 +79,8 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
 def test_label_outside_the_classes_is_named(tmp_path: Path) -> None:
     task = text_task(write_parquet(tmp_path / "d.parquet", num_classes=5), num_classes=4)
     data = FederatedDataModule([task], [ClientGroup(["t"])])
-    with pytest.raises(ValueError, match=r"Task 't': column 'label' holds label 4"):
+    where = r"Task 't' \(\w+ split, before the partition\): row \d+ of 'parquet' split 'train', column 'label',"
+    with pytest.raises(ValueError, match=where + " holds label 4"):
         data.setup()
 
 
@@ -176,7 +177,7 @@ def test_unreadable_image_is_named_before_training(tmp_path: Path) -> None:
     data = FederatedDataModule([task], [ClientGroup(["img"], count=2)])
     data.setup()
     with pytest.raises(ValueError, match=r"Task 'img' \(client \d, \w+ split\): row 17 of 'parquet'.*'pixels'"):
-        data.check_inputs({"image": ImagePreprocessor(image_size=8, channels=1)})
+        data.check_values({"image": ImagePreprocessor(image_size=8, channels=1)})
 
 
 def test_truncated_texts_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -191,7 +192,7 @@ def test_truncated_texts_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFi
     data = FederatedDataModule([text_task(tmp_path / "t.parquet", num_classes=2)], [ClientGroup(["t"])])
     data.setup()
     with caplog.at_level("WARNING"):
-        data.check_inputs({"text": TextPreprocessor(Words(), max_length=5)})
+        data.check_values({"text": TextPreprocessor(Words(), max_length=5)})
     assert "10 value(s) of column 'text' exceed" in caplog.text
 
 
