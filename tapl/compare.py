@@ -31,6 +31,7 @@ import torch
 from scipy.stats import wilcoxon
 
 import tapl.algorithms
+from tapl.errors import TaplError
 from tapl.plots import plot_boxes, plot_series
 from tapl.run_dir import FINAL, RunDirectory
 
@@ -129,7 +130,7 @@ def check_overrides(algorithms: Sequence[str], overrides: Sequence[str]) -> None
             raise ValueError(f"{flag} is an argument of none of {list(algorithms)}")
 
 
-class CompareError(RuntimeError):
+class CompareError(TaplError, RuntimeError):
     """Some runs of a comparison failed."""
 
 

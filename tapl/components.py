@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from tapl.errors import TaplError
+
 #: component name -> parameter name -> tensor
 ComponentState = dict[str, dict[str, Tensor]]
 #: component name -> parameter name -> shape
@@ -21,7 +23,7 @@ ComponentShapes = dict[str, dict[str, torch.Size]]
 _SEPARATOR = "/"
 
 
-class ComponentMismatchError(ValueError):
+class ComponentMismatchError(TaplError, ValueError):
     """Raised when a component state does not have exactly the expected keys and shapes."""
 
 

@@ -13,7 +13,8 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from tapl.components import (
     check_finite,
     check_state,
     clone,
+    non_finite_components,
     num_bytes,
     select,
     shapes_of,
@@ -43,18 +45,34 @@ from tapl.components import (
 from tapl.context import ClientContext, ClientUpdate, FitResult, Stage
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.federated import ClientSpec, FederatedDataModule
+from tapl.errors import Stopped, TaplError
 from tapl.models.foundation import FoundationModel
 from tapl.plateau import Plateau
 from tapl.reporting import results_table, summarize, summarize_distribution
 from tapl.run_dir import FINAL, POST_FEDERATION_METRICS, RunDirectory, RunDirError
+from tapl.run_lock import RunLock
 from tapl.sampling import SAMPLINGS, Sampling, sample_clients
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
 log = logging.getLogger(__name__)
 
 
-class FederationError(RuntimeError):
+class FederationError(TaplError, RuntimeError):
     """The federation cannot go on (e.g. every sampled client of a round failed)."""
+
+
+#: Settings (dotted keys of the resolved configuration) that may differ when a run resumes: they change when the
+#: run stops, how it shows progress, or where it is, never what a round computes. Any other difference from the
+#: checkpoint's configuration refuses the resume.
+RESUMABLE_SETTINGS = (
+    "federation.rounds",
+    "federation.eval_every",
+    "federation.checkpoint_every",
+    "federation.progress",
+    "data.num_workers",
+    "run_dir",
+    "ckpt_path",
+)
 
 
 @dataclass
@@ -229,7 +247,25 @@ class FederatedOrchestrator:
 
         Returns:
             The final results (also written to ``results.json``).
+
+        Raises:
+            RunDirError: if another process holds the run directory, or it holds a run and no resume was asked.
+            Stopped: on Ctrl-C, with the run directory to resume from.
         """
+        with self._holding_run_dir():
+            return self._fit(ckpt_path)
+
+    @contextmanager
+    def _holding_run_dir(self) -> Iterator[None]:
+        """Hold the run directory's lock (on rank 0, the only writer) and tell a Ctrl-C stop where the run is."""
+        try:
+            with RunLock(self.run_dir.root) if rank_zero_only.rank == 0 else nullcontext():
+                yield
+        except Stopped as stop:
+            stop.run_dir = self.run_dir.root
+            raise
+
+    def _fit(self, ckpt_path: str | None) -> dict[str, Any]:
         started = time.perf_counter()
         # Only rank 0 checks: with DDP the other ranks start once rank 0 is already running.
         if ckpt_path is None and rank_zero_only.rank == 0 and self.run_dir.holds_run():
@@ -238,7 +274,7 @@ class FederatedOrchestrator:
                 "--run_dir."
             )
         self.data.setup()
-        self.data.check_inputs(self.model.preprocessors)
+        self.data.check_values(self.model.preprocessors)
         self.algorithm.setup(self)
         if ckpt_path is not None:
             self._restore(self._resume_checkpoint(ckpt_path))
@@ -281,6 +317,10 @@ class FederatedOrchestrator:
         Args:
             ckpt_path: ``"last"`` (the newest checkpoint of the run directory) or a checkpoint directory.
         """
+        with self._holding_run_dir():
+            return self._test(ckpt_path)
+
+    def _test(self, ckpt_path: str | None) -> dict[str, Any]:
         self.data.setup()
         self.algorithm.setup(self)
         self._restore(self.run_dir.resolve_checkpoint(ckpt_path or "last", prefer_final=True))
@@ -446,6 +486,12 @@ class FederatedOrchestrator:
             raise FederationError(f"Round {round}: every sampled client failed: {failed}")
         new_state = self.algorithm.aggregate(round, self.global_state, updates)
         check_state(new_state, shapes_of(self.global_state), f"aggregate() of {self.algorithm.label}")
+        non_finite = non_finite_components(new_state)
+        if non_finite:
+            raise FederationError(
+                f"Round {round}: aggregate() of {self.algorithm.label} returned non-finite values (NaN or infinity) in "
+                f"{non_finite}; the round is neither logged nor checkpointed, and --ckpt_path last resumes before it."
+            )
         self.global_state = new_state
         extra = self.algorithm.on_round_end(round, self.global_state)
         self.round = round
@@ -647,6 +693,9 @@ class FederatedOrchestrator:
             rows = [per_task[task] for per_task in per_client.values() if task in per_task]
             for metric in sorted({m for row in rows for m in row} - {"samples"}):
                 values = np.array([row[metric] for row in rows if metric in row], dtype=np.float64)
+                values = values[np.isfinite(values)]
+                if not values.size:
+                    continue
                 experiment.add_histogram(f"{model}/{task}/{metric}/clients", values, step)
         experiment.flush()
 
@@ -713,6 +762,7 @@ class FederatedOrchestrator:
                 "finetuned": {str(c): s for c, s in self.finetuned.items()},
             },
             "fingerprint": self.fingerprint(),
+            "config": self.resolved_config(),
             "federation": asdict(self.config),
             "algorithm": self.algorithm.state_dict(),
             "clients": {str(c): dict(r) for c, r in self.client_records.items()},
@@ -725,9 +775,14 @@ class FederatedOrchestrator:
         }
         self.run_dir.save_checkpoint(name, self.global_state, payload)
 
+    def resolved_config(self) -> dict[str, Any] | None:
+        """The run's resolved configuration as a dict (``None`` when built without one, e.g. from Python)."""
+        return yaml.safe_load(self.config_text) if self.config_text else None
+
     def _restore(self, path: Any) -> None:
         global_state, payload = self.run_dir.load_checkpoint(path)
         self._check_fingerprint(payload["fingerprint"], path)
+        self._check_config(payload.get("config"), path)
         check_state(global_state, shapes_of(self.global_state), f"checkpoint {path}")
         self.global_state = global_state
         self.round = int(payload["round"])
@@ -760,17 +815,43 @@ class FederatedOrchestrator:
                 details.append(f"{key}: checkpoint has {saved.get(key)!r}, this run has {current.get(key)!r}")
         raise RunDirError(f"Checkpoint {path} belongs to a different federation: " + "; ".join(details))
 
+    def _check_config(self, saved: dict[str, Any] | None, path: Any) -> None:
+        """Refuse to resume with settings other than the checkpoint's, but for :data:`RESUMABLE_SETTINGS`."""
+        current = self.resolved_config()
+        if saved is None or current is None:  # a checkpoint or a run built without a configuration
+            return
+        before, now = _flatten(saved, separator="."), _flatten(current, separator=".")
+        changed = [
+            f"{key}: checkpoint {_short(before.get(key, '(unset)'))}, now {_short(now.get(key, '(unset)'))}"
+            for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key) and not _resumable(key)
+        ]
+        if changed:
+            raise RunDirError(
+                f"Checkpoint {path} was written with other settings: {'; '.join(changed)}. Resume with the run's "
+                f"config.yaml (only {', '.join(RESUMABLE_SETTINGS)} may change), or start a new --run_dir."
+            )
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+
+def _flatten(values: dict[str, Any], prefix: str = "", separator: str = "/") -> dict[str, Any]:
     """A nested dict as flat ``a/b/c`` keys (lists are kept as values)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        name = f"{prefix}/{key}" if prefix else str(key)
+        name = f"{prefix}{separator}{key}" if prefix else str(key)
         if isinstance(value, dict):
-            flat.update(_flatten(value, name))
+            flat.update(_flatten(value, name, separator))
         else:
             flat[name] = value
     return flat
+
+
+def _resumable(key: str) -> bool:
+    return any(key == setting or key.startswith(f"{setting}.") for setting in RESUMABLE_SETTINGS)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
