@@ -6,28 +6,42 @@ them. Every class is configurable from YAML or flags: ``--model`` (encoders), ``
 partitioner), ``--algorithm`` (a built-in short name or any class path),
 ``--federation`` (rounds, sampling, seed, evaluation), ``--optimizer``, ``--trainer`` (as in Lightning,
 applied to every client visit) and ``--run_dir``.
+
+Failures the user can fix (a bad argument, configuration, data file, checkpoint or run directory, a failed
+write) end with one line ``tapl: error: ...``: exit status 2 for a bad argument, 1 otherwise. Ctrl-C stops
+the run with status 130 and says how to resume it. ``TAPL_DEBUG=1`` also prints the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import signal
 import sys
+import traceback
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentError, lazy_instance
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
 from rich.logging import RichHandler
 from typing_extensions import override
 
+import tapl.algorithms
 from tapl.algorithms import Algorithm, FedAvg
-from tapl.compare import CompareError, compare
-from tapl.components import ComponentMismatchError
+from tapl.compare import compare
 from tapl.datamodules.federated import FederatedDataModule
-from tapl.federation import FederatedOrchestrator, FederationConfig, FederationError
+from tapl.errors import Stopped, TaplError
+from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.models.foundation import FoundationModel
-from tapl.run_dir import RunDirError
+from tapl.run_dir import RunDirectory
+from tapl.run_lock import RunLock
 
 _SKIPPED_METHOD_ARGS = {
     "model",
@@ -50,8 +64,16 @@ class TaplCLI(LightningCLI):
             "parser_kwargs",
             {
                 "default_env": False,
-                "fit": {"description": "Run a federation (or resume one with --ckpt_path last), then test it."},
-                "test": {"description": "Evaluate a checkpointed federation on every client's test split."},
+                # Argument errors raise, so that main() reports them in one line without the usage banner.
+                "exit_on_error": False,
+                "fit": {
+                    "description": "Run a federation (or resume one with --ckpt_path last), then test it.",
+                    "exit_on_error": False,
+                },
+                "test": {
+                    "description": "Evaluate a checkpointed federation on every client's test split.",
+                    "exit_on_error": False,
+                },
             },
         )
         self.orchestrator: FederatedOrchestrator | None = None
@@ -101,9 +123,11 @@ class TaplCLI(LightningCLI):
 
     @override
     def instantiate_classes(self) -> None:
+        raw = self.config[self.subcommand] if self.subcommand else self.config
+        if rank_zero_only.rank == 0:  # a run directory in use fails before the model is built
+            RunLock.check_free(raw["run_dir"])
         self.config_init = self.parser.instantiate(self.config)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        raw = self.config[self.subcommand] if self.subcommand else self.config
         self.orchestrator = FederatedOrchestrator(
             model=config["model"],
             data=config["data"],
@@ -139,18 +163,86 @@ def _configure_logging() -> None:
     logging.getLogger("tapl").setLevel(logging.INFO)
 
 
+#: Failures reported in one line: tapl's own, and those of the file system (a missing file, a full disk).
+EXPECTED_ERRORS = (TaplError, OSError, ValueError)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tapl`` command (``fit``, ``test``, and ``compare``: see :mod:`tapl.compare`)."""
     _configure_logging()
     argv = sys.argv[1:] if args is None else list(args)
+    debug = os.environ.get("TAPL_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
     try:
-        if argv[:1] == ["compare"]:
-            compare(argv[1:], fit=_fit_in_process)
-        else:
-            TaplCLI(args=args)
-    except (CompareError, RunDirError, FederationError, ComponentMismatchError, FileNotFoundError, ValueError) as error:
-        sys.stderr.write(f"tapl: error: {error}\n")
-        raise SystemExit(1) from None
+        with _stop_on_ctrl_c():
+            if argv[:1] == ["compare"]:
+                compare(argv[1:], fit=_fit_in_process)
+            else:
+                TaplCLI(args=args)
+    except ArgumentError as error:
+        _fail(_argument_message(str(error), argv), 2, debug)
+    except Stopped as stop:
+        _fail(_stopped_message(stop, argv), 130, debug, prefix="tapl:")
+    except EXPECTED_ERRORS as error:
+        _fail(_one_line(str(error)) or type(error).__name__, 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool, prefix: str = "tapl: error:") -> None:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"{prefix} {message}\n")
+    raise SystemExit(code) from None
+
+
+@contextmanager
+def _stop_on_ctrl_c() -> Iterator[None]:
+    """Turn Ctrl-C into :class:`Stopped`, which Lightning's trainer passes on instead of exiting the process."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped()
+
+    previous: Callable[..., Any] | int | None = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave Ctrl-C as it is
+        previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _argument_message(message: str, argv: list[str]) -> str:
+    """A jsonargparse error in one line; an unknown algorithm also lists the built-in ones."""
+    text = _one_line(message)
+    unknown = re.search(r'Parser key "algorithm":\s+- Expected a path but (\S+) either not accessible', message)
+    if unknown:
+        reasons = [r.strip() for r in text.split(" - ")[2:] if not r.startswith("Expected a dot import path")]
+        names = ", ".join(sorted(set(tapl.algorithms.__all__) - {"Algorithm"}))
+        text = (
+            f"unknown algorithm {unknown.group(1)!r}{f' ({reasons[0]})' if reasons else ''}: give a built-in one "
+            f"({names}) or the class path of your own, e.g. mypackage.module.MyAlgorithm"
+        )
+    command = argv[0] if argv[:1] in (["fit"], ["test"], ["compare"]) else ""
+    return f"{text} (see: tapl {command} --help)".replace("tapl  ", "tapl ")
+
+
+def _stopped_message(stop: Stopped, argv: list[str]) -> str:
+    """What a Ctrl-C stopped, and how to go on."""
+    if argv[:1] == ["compare"]:
+        return "stopped (Ctrl-C). Run the same command again to finish: finished runs are reused, the others resume."
+    if stop.run_dir is None:
+        return "stopped (Ctrl-C) before the run began."
+    run_dir = RunDirectory(stop.run_dir)
+    rounds = run_dir.round_checkpoints()
+    if not rounds:
+        return f"stopped (Ctrl-C) before the first checkpoint; {run_dir.root} holds no round to resume from."
+    return (
+        f"stopped (Ctrl-C); {run_dir.root} holds checkpoints up to {rounds[-1].name}. Resume with: "
+        f"tapl fit --config {run_dir.root / 'config.yaml'} --ckpt_path last"
+    )
 
 
 if __name__ == "__main__":

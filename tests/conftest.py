@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import make_image_parquet, make_text_parquet, make_tiny_bert
+from helpers import make_image_parquet, make_text_parquet, make_tiny_bert, tiny_config, write_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -34,3 +35,21 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "text": make_text_parquet(root / "text.parquet"),
         "image": make_image_parquet(root / "image.parquet"),
     }
+
+
+@pytest.fixture(scope="module")
+def finished_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A completed 2-round run of the tiny federation (checkpoints round-000001, round-000002 and final)."""
+    from tapl.cli import main
+
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    main(["fit", "--config", str(write_config(run_dir.parent / "run.yaml", tiny_config(assets, run_dir)))])
+    return run_dir
+
+
+@pytest.fixture
+def existing_run(finished_run: Path, tmp_path: Path) -> Path:
+    """A copy of :func:`finished_run` that a test may damage."""
+    run_dir = tmp_path / "existing"
+    shutil.copytree(finished_run, run_dir)
+    return run_dir

@@ -161,6 +161,37 @@ def tiny_config(assets: dict[str, Path], run_dir: Path, **federation: object) ->
     }
 
 
+def write_config(path: Path, config: dict) -> Path:
+    """Write ``config`` as YAML to ``path``; return ``path``."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``root`` with its bytes and modification time."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``tapl`` subprocess: offline, one thread per process."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def tapl_command() -> list[str]:
+    """The installed ``tapl`` console script (the module when the script is not on PATH)."""
+    import shutil
+
+    executable = shutil.which("tapl")
+    return [executable] if executable else [sys.executable, "-m", "tapl.cli"]
+
+
 def write_tiny_config(assets: dict[str, Path], run_dir: Path, **federation: object) -> Path:
     """Write :func:`tiny_config` (with ``federation`` overrides) next to ``run_dir``; return its path."""
     import yaml

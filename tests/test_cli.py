@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from helpers import tiny_config
+from helpers import command_env, snapshot, tapl_command, tiny_config, write_config
 
 from tapl.algorithms import FedAvg
 from tapl.cli import TaplCLI, main
@@ -26,24 +24,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:Us
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def write_config(path: Path, config: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def build(*args: str) -> FederatedOrchestrator:
     """The orchestrator the CLI builds from ``args``, without running anything."""
     orchestrator = TaplCLI(args=list(args), run=False).orchestrator
     assert orchestrator is not None
     return orchestrator
-
-
-def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``root`` with its bytes and modification time."""
-    return {
-        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
-    }
 
 
 def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -53,17 +38,6 @@ def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         main(args)
     assert exit_info.value.code not in (0, None)
     return capsys.readouterr().err
-
-
-def command_env(**extra: str) -> dict[str, str]:
-    """The environment of a ``tapl`` subprocess: offline, one thread per process (see ``one_torch_thread``)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
-
-
-def tapl_command() -> list[str]:
-    """The installed ``tapl`` console script (the module when the script is not on PATH)."""
-    executable = shutil.which("tapl")
-    return [executable] if executable else [sys.executable, "-m", "tapl.cli"]
 
 
 class OtherAlgorithm(FedAvg):
@@ -76,21 +50,6 @@ class OtherAlgorithm(FedAvg):
 @pytest.fixture
 def config_path(assets: dict[str, Path], tmp_path: Path) -> Path:
     return write_config(tmp_path / "config.yaml", tiny_config(assets, tmp_path / "run"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A completed 2-round run, copied by each test that tries to damage it."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    main(["fit", "--config", str(write_config(run_dir.parent / "run.yaml", tiny_config(assets, run_dir)))])
-    return run_dir
-
-
-@pytest.fixture
-def existing_run(finished_run: Path, tmp_path: Path) -> Path:
-    run_dir = tmp_path / "existing"
-    shutil.copytree(finished_run, run_dir)
-    return run_dir
 
 
 # -- flags reach the objects --------------------------------------------------------------------------------

