@@ -14,6 +14,7 @@ the run with status 130 and says how to resume it. ``TAPL_DEBUG=1`` also prints 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from jsonargparse import ArgumentError, lazy_instance
+from jsonargparse import lazy_instance
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_only
@@ -178,7 +179,7 @@ def main(args: list[str] | None = None) -> None:
                 compare(argv[1:], fit=_fit_in_process)
             else:
                 TaplCLI(args=args)
-    except ArgumentError as error:
+    except argparse.ArgumentError as error:  # jsonargparse's, and tapl compare's own
         _fail(_argument_message(str(error), argv), 2, debug)
     except Stopped as stop:
         _fail(_stopped_message(stop, argv), 130, debug, prefix="tapl:")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from scipy.stats import wilcoxon
@@ -43,13 +43,23 @@ Row = tuple[str, str]
 ABLATION_MODEL = "no_distillation"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Raises argument errors, which the ``tapl`` command reports in one line, instead of printing the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise argparse.ArgumentError(None, message)
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
     """Split ``tapl compare`` arguments into its own, the ``--algorithm.*`` overrides and the rest (for fit).
 
     Returns:
         The compare arguments, the ``--algorithm.NAME VALUE`` overrides (flat list) and the ``fit`` arguments.
+
+    Raises:
+        argparse.ArgumentError: for a missing or invalid argument.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tapl compare",
         allow_abbrev=False,
         description="Run several algorithms and seeds on the same federation and compare them. Any other "

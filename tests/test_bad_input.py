@@ -96,6 +96,24 @@ def test_argument_errors_are_one_line_with_status_2(
     assert not fresh.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "parts"),
+    [
+        (["--seeds", "0,x"], ["--seeds must be comma-separated integers, got '0,x'"]),
+        ([], ["the following arguments are required: --algorithms"]),
+        (["--algorithms", "FedAvg", "--baseline", "TAP"], ["--baseline TAP: TAP is not one of --algorithms"]),
+    ],
+)
+def test_compare_argument_errors_are_one_line_with_status_2(assets, tmp_path: Path, capsys, args, parts) -> None:
+    config = write_config(tmp_path / "c.yaml", tiny_config(assets, tmp_path / "unused"))
+    algorithms = [] if "--algorithms" in args or not args else ["--algorithms", "FedAvg"]
+    code, line = run_tapl(
+        ["compare", "--config", str(config), "--run_dir", str(tmp_path / "out"), *algorithms, *args], capsys
+    )
+    expect_error(code, line, 2, *parts, "tapl compare --help")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, line = run_tapl(["fit", "--config", str(tmp_path / "nope.yaml")], capsys)
     expect_error(code, line, 2, "does not exist", "nope.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import itertools
 import json
@@ -399,5 +400,5 @@ def test_the_baseline_flag() -> None:
     assert own.baseline == ("TAP", "no_distillation")
     own, _, _ = parse_args(["--algorithms", "FedAvg,TAP", "--baseline", "FedAvg"])
     assert own.baseline == ("FedAvg", None)
-    with pytest.raises(SystemExit):
+    with pytest.raises(argparse.ArgumentError, match="FedProx is not one of --algorithms"):
         parse_args(["--algorithms", "FedAvg,TAP", "--baseline", "FedProx:global"])
