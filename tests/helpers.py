@@ -35,7 +35,9 @@ def save_tiny_tokenizer(directory: Path) -> None:
 
 
 def make_tiny_bert(directory: Path) -> Path:
-    """Save a 2-layer BERT (hidden 32) with a word-level tokenizer into ``directory``."""
+    """Save a 2-layer BERT (hidden 32) with a word-level tokenizer into ``directory``; its weights are drawn
+    from seed 0, whatever ran before (golden runs depend on them)."""
+    import torch
     from transformers import BertConfig, BertModel
 
     save_tiny_tokenizer(directory)
@@ -47,7 +49,10 @@ def make_tiny_bert(directory: Path) -> Path:
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    BertModel(config).save_pretrained(directory)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertModel(config)
+    model.save_pretrained(directory)
     return directory
 
 
