@@ -87,6 +87,7 @@ def fresh(tmp_path: Path) -> Path:
         (["--federation.rounds", "many"], ["federation.rounds", "many"]),
         (["--federation.nosuch", "1"], ["unrecognized arguments", "--federation.nosuch"]),
     ],
+    ids=["unknown-name", "missing-module", "not-an-algorithm", "bad-option-value", "not-an-int", "unknown-flag"],
 )
 def test_argument_errors_are_one_line_with_status_2(
     assets: dict[str, Path], fresh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], parts
@@ -103,6 +104,7 @@ def test_argument_errors_are_one_line_with_status_2(
         ([], ["the following arguments are required: --algorithms"]),
         (["--algorithms", "FedAvg", "--baseline", "TAP"], ["--baseline TAP: TAP is not one of --algorithms"]),
     ],
+    ids=["bad-seeds", "no-algorithms", "bad-baseline"],
 )
 def test_compare_argument_errors_are_one_line_with_status_2(assets, tmp_path: Path, capsys, args, parts) -> None:
     config = write_config(tmp_path / "c.yaml", tiny_config(assets, tmp_path / "unused"))
@@ -133,6 +135,7 @@ def test_config_that_is_not_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (lambda c: c["federation"].update(holdout_clients=[9]), ["holdout_clients", "[9]"]),
         (lambda c: c["data"]["clients"].append({"tasks": ["poetry"]}), ["unknown tasks ['poetry']"]),
     ],
+    ids=["zero-rounds", "fraction-above-1", "unknown-holdout", "unknown-task"],
 )
 def test_invalid_settings_are_named(
     assets: dict[str, Path], fresh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change, parts
@@ -150,6 +153,7 @@ def test_invalid_settings_are_named(
         ("{tmp}/no-such-model", ["model directory", "no-such-model", "does not exist"]),
         ("someone/no-such-model", ["'someone/no-such-model' is not a local directory", "Hugging Face hub"]),
     ],
+    ids=["missing-directory", "unknown-hub-name-offline"],
 )
 def test_a_model_that_cannot_be_found(
     assets: dict[str, Path], fresh: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, parts
@@ -259,7 +263,9 @@ def test_a_column_that_is_not_there(assets: dict[str, Path], fresh: Path, tmp_pa
     assert not fresh.exists()
 
 
-@pytest.mark.parametrize(("value", "what"), [(None, "null"), ("   ", "an empty text"), ("", "an empty text")])
+@pytest.mark.parametrize(
+    ("value", "what"), [(None, "null"), ("   ", "an empty text"), ("", "an empty text")], ids=["null", "blank", "empty"]
+)
 def test_missing_texts_are_refused(assets, fresh: Path, tmp_path: Path, capsys, value: Any, what: str) -> None:
     config = tiny_config(assets, fresh)
     with_text_file(config, text_with(assets, tmp_path / "t.parquet", "sentence", 17, value))
@@ -365,6 +371,7 @@ def damage(path: Path, how: str) -> None:
         ("round-000002/server.safetensors", "nan", ["round-000002/server.safetensors is damaged", "SHA-256"]),
         ("round-000002/checksums.json", "truncate", ["round-000002/checksums.json is damaged"]),
     ],
+    ids=["truncated-state", "nan-overwritten-tensors", "damaged-checksums"],
 )
 def test_a_damaged_round_checkpoint_is_named_and_the_previous_one_resumes(
     assets, existing_run: Path, tmp_path: Path, capsys, file: str, how: str, parts
@@ -428,6 +435,7 @@ def _other_data_file(config: dict[str, Any], tmp_path: Path) -> None:
         (lambda c, _: c.update(algorithm={"class_path": "FedAvg", "init_args": {"weighting": "uniform"}}), "weighting"),
         (lambda c, _: c["federation"].update(local_steps=5), "federation.local_steps: checkpoint 2, now 5"),
     ],
+    ids=["data-seed", "federation-seed", "partitioner", "data-file", "algorithm-option", "local-steps"],
 )
 def test_resuming_with_other_settings_is_refused(
     assets, existing_run: Path, tmp_path: Path, capsys, change, key: str
@@ -536,6 +544,7 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, target: str, match: str, error:
         ("torch.save", "final", errno.ENOSPC, 2),
         ("os.replace", "results.json", errno.EROFS, 2),
     ],
+    ids=["disk-full-round-checkpoint", "disk-full-final-checkpoint", "read-only-results"],
 )
 def test_a_failed_write_is_one_line_leaves_no_temporary_files_and_resumes(
     assets, fresh: Path, tmp_path: Path, capsys, monkeypatch, target: str, match: str, error: int, resumes_from: int
