@@ -92,11 +92,11 @@ class TaplCLI(LightningCLI):
 
     @override
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(self.trainer_class, "trainer")
-        parser.add_class_arguments(FoundationModel, "model", fail_untyped=False, sub_configs=True)
-        parser.add_class_arguments(FederatedDataModule, "data", fail_untyped=False, sub_configs=True)
-        parser.add_subclass_arguments(Algorithm, "algorithm", default=lazy_instance(FedAvg), required=False)
+        # The federation's own options lead --help; Lightning's Trainer flags (most of its lines) come last.
         parser.add_class_arguments(FederationConfig, "federation")
+        parser.add_subclass_arguments(Algorithm, "algorithm", default=lazy_instance(FedAvg), required=False)
+        parser.add_class_arguments(FederatedDataModule, "data", fail_untyped=False, sub_configs=True)
+        parser.add_class_arguments(FoundationModel, "model", fail_untyped=False, sub_configs=True)
         parser.add_argument(
             "--optimizer",
             type=OptimizerCallable,
@@ -109,6 +109,7 @@ class TaplCLI(LightningCLI):
             default="runs/default",
             help="Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints, results.",
         )
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.link_arguments("data", "model.tasks", compute_fn=_task_list, apply_on="instantiate")
 
     @override
