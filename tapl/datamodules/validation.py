@@ -40,18 +40,19 @@ def drop_missing(pool: Any, columns: Sequence[str], task: str) -> Any:
     return pool.select(np.flatnonzero(~drop))
 
 
-def column_values(rows: Any, column: str, locate: Callable[[int, str], str]) -> list[Any]:
-    """The values of ``column``; a value that cannot be decoded (a truncated image file) raises
-    :class:`DataError` with ``locate(index, column)``."""
+def decoded_rows(rows: Any, columns: Sequence[str], locate: Callable[[int, str], str], offset: int = 0) -> list[Any]:
+    """Every row of ``rows`` as a dict; a value that cannot be decoded (a truncated image file) raises
+    :class:`DataError` with ``locate(offset + index, column)``."""
     try:
-        return list(rows[column])
+        return list(rows)
     except Exception:
-        single = rows.select_columns([column])
-        for index in range(len(single)):
-            try:
-                single[index]
-            except Exception as error:
-                raise DataError(f"{locate(index, column)} cannot be read: {_reason(error)}") from None
+        for column in columns:
+            single = rows.select_columns([column])
+            for index in range(len(single)):
+                try:
+                    single[index]
+                except Exception as error:
+                    raise DataError(f"{locate(offset + index, column)} cannot be read: {_reason(error)}") from None
         raise
 
 
@@ -83,19 +84,18 @@ def check_rows(
     Raises:
         DataError: naming the first missing or unreadable value.
     """
-    for column in columns:
-        values = column_values(rows, column, locate)
-        missing = next((i for i, v in enumerate(values) if is_missing(v)), None)
-        if missing is not None:
-            what = "null" if values[missing] is None else "an empty text"
-            raise DataError(
-                f"{locate(missing, column)} is {what}: fill it, or drop such rows with the task's `drop_missing: true`"
-            )
     altered = {column: 0 for column in inputs.values()}
     context = HeadContext(preprocessors)
     for start in range(0, len(rows), chunk):
-        part = rows.select(range(start, min(start + chunk, len(rows))))
-        records = list(part)
+        records = decoded_rows(rows.select(range(start, min(start + chunk, len(rows)))), columns, locate, start)
+        for column in columns:
+            missing = next((i for i, r in enumerate(records) if is_missing(r[column])), None)
+            if missing is not None:
+                what = "null" if records[missing][column] is None else "an empty text"
+                raise DataError(
+                    f"{locate(start + missing, column)} is {what}: fill it, or drop such rows with the task's "
+                    "`drop_missing: true`"
+                )
         for modality, source in inputs.items():
             try:
                 altered[source] += preprocessors[modality].check([render(source, r) for r in records])
