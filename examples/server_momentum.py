@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tapl.algorithms import FedAvg
+from tapl.algorithms import ClientUpdate, Failure, FedAvg
 from tapl.components import ComponentState
-from tapl.context import ClientUpdate
 
 
 class FedAvgM(FedAvg):
@@ -30,8 +29,10 @@ class FedAvgM(FedAvg):
         self.server_lr = server_lr
         self.velocity: ComponentState = {}
 
-    def aggregate(self, round: int, global_state: ComponentState, updates: list[ClientUpdate]) -> ComponentState:
-        average = super().aggregate(round, global_state, updates)
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        average = super().aggregate(round, global_state, results, failures)
         new_state: ComponentState = {}
         for component, params in global_state.items():
             new_state[component] = {}

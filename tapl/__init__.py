@@ -1,8 +1,9 @@
 """tapl: personalized federated fine-tuning of foundation models across tasks and modalities."""
 
 from tapl.algorithms import Algorithm, FedAvg
+from tapl.api import ClientUpdate, FitResult
 from tapl.client import ClientModule
-from tapl.context import ClientContext, ClientUpdate, FitResult
+from tapl.context import ClientContext
 from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.models import FoundationModel
 from tapl.tasks import Task, TaskType

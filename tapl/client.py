@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -14,14 +13,13 @@ from typing_extensions import override
 
 from tapl.datamodules.collate import TaskBatch, batch_size
 from tapl.models.foundation import FoundationModel
+from tapl.objective import Objective, TaskPart, TrainingStep
 from tapl.tasks import Task
 
 #: Readable predictions kept per task and evaluation (see :attr:`ClientModule.eval_examples`).
 EXAMPLES_PER_TASK = 3
 #: Builds the optimizer of a visit from the parameters to train.
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-#: ``(module, task_loss) -> loss to optimise``: how an algorithm changes the local objective (e.g. FedProx).
-LossFn = Callable[["ClientModule", Tensor], Tensor]
 
 
 class ClientModule(LightningModule):
@@ -29,8 +27,8 @@ class ClientModule(LightningModule):
 
     A batch holds samples of one or more tasks (see :class:`~tapl.datamodules.collate.MultiTaskCollator`).
     The training loss is the sum of each task's mean loss weighted by its share of the batch, so every sample
-    counts the same whatever its task; an algorithm may add terms through ``loss_fn``. Validation and test
-    compute, per task, the sample-weighted mean loss and the task type's metrics.
+    counts the same whatever its task; the fit's :class:`~tapl.objective.Objective` may change it. Validation and
+    test compute, per task, the sample-weighted mean loss and the task type's metrics.
 
     Args:
         model: The shared foundation model, with this client's tensors already loaded into it.
@@ -39,7 +37,7 @@ class ClientModule(LightningModule):
         optimizer: Builds the optimizer from the slice's parameters.
         lr: Overrides the optimizer's learning rate for this module (e.g. post-federation fine-tuning): a
             fixed value, or a function of the configured learning rate (e.g. a warm-up factor).
-        loss_fn: Changes the training objective, given the module and the task loss.
+        objective: What the fit minimises (default: the task loss).
     """
 
     def __init__(
@@ -49,7 +47,7 @@ class ClientModule(LightningModule):
         components: Sequence[str],
         optimizer: OptimizerFactory,
         lr: float | Callable[[float], float] | None = None,
-        loss_fn: LossFn | None = None,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -57,7 +55,8 @@ class ClientModule(LightningModule):
         self.components = list(components)
         self.optimizer_factory = optimizer
         self.lr = lr
-        self.loss_fn = loss_fn
+        self.objective = objective or Objective()
+        self.automatic_optimization = self.objective.automatic_optimization
         # Evaluation runs every row on every rank (see VisitTrainers.eval_trainer), so metrics stay local:
         # syncing would count each row once per rank.
         self.eval_metrics = nn.ModuleDict({t.name: t.task_type.metrics(t) for t in tasks})
@@ -74,33 +73,28 @@ class ClientModule(LightningModule):
         self.eval_examples: dict[str, list[dict[str, str]]] = {}
         self._examples: dict[str, list[dict[str, str]]] = {}
 
-    def objective(self, task: str, part: dict[str, Any], outputs: Tensor, task_loss: Tensor) -> Tensor:
-        """The loss optimised for one task's part of a training batch: its task loss by default.
-
-        Override to add terms that need the outputs (e.g. distillation towards a teacher's outputs).
-
-        Args:
-            task: The task's name.
-            part: The task's part of the batch (``inputs`` and ``targets``).
-            outputs: The model's outputs for that part.
-            task_loss: The task type's loss of those outputs (already recorded as the training loss).
-        """
-        return task_loss
+    @override
+    def on_fit_start(self) -> None:
+        self.objective.on_fit_start(self)
 
     @override
-    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> Tensor | None:
+        return self.objective.training_step(self, batch, batch_idx)
+
+    def batch_loss(self, batch: TaskBatch, record: bool = True) -> Tensor:
+        """The objective's loss on ``batch``; with ``record``, its task losses count towards :meth:`train_loss`."""
         total = batch_size(batch)
-        loss = torch.zeros((), device=self.device)
+        parts = []
         for name, part in batch.items():
+            task = self.tasks[name]
             outputs = self.model(name, part["inputs"])
-            task_loss = self.tasks[name].task_type.loss(outputs, part["targets"])
+            task_loss = task.task_type.loss(outputs, part["targets"])
             n = len(part["targets"])
-            self._train_loss_sum[name] = self._train_loss_sum.get(name, 0) + task_loss.detach() * n
-            self._train_samples[name] = self._train_samples.get(name, 0) + n
-            loss = loss + self.objective(name, part, outputs, task_loss) * (n / total)
-        if self.loss_fn is not None:
-            loss = self.loss_fn(self, loss)
-        return loss
+            if record:
+                self._train_loss_sum[name] = self._train_loss_sum.get(name, 0) + task_loss.detach() * n
+                self._train_samples[name] = self._train_samples.get(name, 0) + n
+            parts.append(TaskPart(task, part["inputs"], part["targets"], outputs, task_loss, n / total))
+        return self.objective.loss(TrainingStep(self, parts))
 
     @override
     def on_train_end(self) -> None:
@@ -113,6 +107,7 @@ class ClientModule(LightningModule):
         )
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         self._train_totals = {t: (float(s), int(n)) for t, (s, n) in zip(names, totals.tolist(), strict=True) if n}
+        self.objective.on_fit_end(self)
 
     def train_loss(self) -> dict[str, float]:
         """Mean training loss per task over the last fit, sample-weighted and summed over all ranks."""

@@ -18,7 +18,7 @@ from torchmetrics.functional.text.bert import bert_score
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from tapl.models.loading import resolve_pretrained
+from tapl.pretrained import resolve_pretrained
 
 
 @functools.cache

@@ -28,10 +28,9 @@ import torch
 from helpers import command_env, read_records, snapshot, tapl_command, tiny_config, write_config
 
 import tapl.run_dir
-from tapl.algorithms import FedAvg
+from tapl.algorithms import ClientContext, ClientUpdate, Failure, FedAvg
 from tapl.cli import main
 from tapl.components import ComponentState, weighted_average
-from tapl.context import ClientContext, ClientUpdate
 from tapl.run_dir import RunDirectory
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -590,8 +589,10 @@ POISON = {"on": True}
 class PoisonedAggregate(FedAvg):
     """FedAvg whose aggregate of round 2 holds a NaN while ``POISON["on"]`` (a bug fixed between runs)."""
 
-    def aggregate(self, round: int, global_state: ComponentState, updates: list[ClientUpdate]) -> ComponentState:
-        state = super().aggregate(round, global_state, updates)
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        state = super().aggregate(round, global_state, results, failures)
         if round == 2 and POISON["on"]:
             head = {name: tensor.clone() for name, tensor in state["head[sentiment]"].items()}
             next(iter(head.values())).view(-1)[0] = math.nan
@@ -602,16 +603,22 @@ class PoisonedAggregate(FedAvg):
 class NanWeight(FedAvg):
     """FedAvg that weights one client by NaN."""
 
-    def aggregate(self, round: int, global_state: ComponentState, updates: list[ClientUpdate]) -> ComponentState:
-        weights = [math.nan] + [1.0] * (len(updates) - 1)
-        return weighted_average(global_state, [u.state for u in updates], weights)
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        weights = [math.nan] + [1.0] * (len(results) - 1)
+        return weighted_average(global_state, [r.state for r in results], weights)
 
 
 class NonFiniteMetrics(FedAvg):
     """FedAvg that reports non-finite round metrics."""
 
-    def on_round_end(self, round: int, global_state: ComponentState) -> dict[str, float]:
-        return {"nan": math.nan, "inf": math.inf}
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        self.log("nan", math.nan)
+        self.log("inf", math.inf)
+        return super().aggregate(round, global_state, results, failures)
 
 
 class FailingClients(FedAvg):

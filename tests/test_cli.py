@@ -16,6 +16,7 @@ from helpers import command_env, snapshot, tapl_command, tiny_config, write_conf
 
 from tapl.algorithms import FedAvg
 from tapl.cli import TaplCLI, main
+from tapl.engine.plateau import PlateauStop
 from tapl.federation import FederatedOrchestrator, FederationConfig
 
 # The tests call the CLI in-process, under pytest's own command line.
@@ -100,7 +101,8 @@ def test_federation_flags_reach_the_orchestrator(config_path: Path) -> None:
         finetune_lr=0.01,
         plateau_window=3,
     )
-    assert orchestrator.plateau.window == 3
+    (plateau,) = [c for c in orchestrator.callbacks if isinstance(c, PlateauStop)]
+    assert plateau.plateau.window == 3
     assert all(len(orchestrator.sample_clients(r)) == 3 for r in range(1, 6))
     fraction = build("--config", str(config_path), "--federation.clients_per_round", "0.25").config
     assert fraction.clients_per_round == 0.25 and isinstance(fraction.clients_per_round, float)
@@ -152,20 +154,18 @@ class MyMethod(FedAvg):
         self.scale = scale
         self.aggregations = 0
 
-    def aggregate(self, round, global_state, updates):
+    def aggregate(self, round, global_state, results, failures):
         self.aggregations += 1
-        average = super().aggregate(round, global_state, updates)
+        average = super().aggregate(round, global_state, results, failures)
+        self.log("scale", self.scale)
         return {
             c: {k: g + self.scale * (average[c][k] - g) for k, g in params.items()}
             for c, params in global_state.items()
         }
 
-    def on_round_end(self, round, global_state):
-        return {"scale": self.scale}
-
-    def finalize(self, global_state):
+    def on_federation_end(self, round, global_state):
         marker = {"scale": self.scale, "aggregations": self.aggregations}
-        (self.federation.run_dir.root / "my_plugin.json").write_text(json.dumps(marker))
+        (self.federation.run_dir / "my_plugin.json").write_text(json.dumps(marker))
 '''
 
 

@@ -30,12 +30,17 @@ PLUGIN = textwrap.dedent(
             super().__init__()
             self.out = Path(out)
 
-        def on_round_end(self, round, global_state):
+        def configure_round(self, round, clients, global_state):
+            self.sampled = list(clients)
+            return super().configure_round(round, clients, global_state)
+
+        def aggregate(self, round, global_state, results, failures):
+            state = super().aggregate(round, global_state, results, failures)
             rank = dist.get_rank() if dist.is_initialized() else 0
-            checksum = sum(float(t.double().sum()) for p in global_state.values() for t in p.values())
-            record = {"sampled": self.federation.sample_clients(round), "checksum": checksum}
+            checksum = sum(float(t.double().sum()) for p in state.values() for t in p.values())
+            record = {"sampled": self.sampled, "checksum": checksum}
             (self.out / f"rank{rank}_round{round}.json").write_text(json.dumps(record))
-            return {}
+            return state
     """
 )
 

@@ -1,4 +1,4 @@
-"""Tests for knowledge distillation: each task type's distillation loss and DistillationModule's objective."""
+"""Tests for knowledge distillation: each task type's distillation loss and the ``Distillation`` objective of a fit."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 import torch
 from helpers import make_text_image_model
 
+from tapl.client import ClientModule
 from tapl.components import ComponentState
 from tapl.datamodules.collate import MultiTaskCollator
-from tapl.distillation import DistillationModule
+from tapl.distillation import Distillation
 from tapl.models import FoundationModel
 from tapl.tasks import Task, TaskType
 
@@ -121,7 +122,7 @@ def test_image_generation_distillation_is_the_mse_to_the_teacher_image() -> None
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
-# -- the module -------------------------------------------------------------------------------------------------
+# -- the objective ----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,12 @@ def _batch(model: FoundationModel) -> dict:
     return collate(samples)
 
 
-def test_module_objective_is_task_loss_plus_weighted_distillation_per_task(model: FoundationModel) -> None:
+def _module(model: FoundationModel, objective: Distillation | None = None) -> ClientModule:
+    """The module of a fit of the whole slice (the student is the state loaded into ``model``)."""
+    return ClientModule(model, TASKS, model.component_names(), torch.optim.SGD, objective=objective)
+
+
+def test_the_objective_is_task_loss_plus_weighted_distillation_per_task(model: FoundationModel) -> None:
     model.eval()  # no dropout, so outputs are reproducible by hand
     student, teacher = _random_state(model, 1), _random_state(model, 2)
     batch = _batch(model)
@@ -158,12 +164,12 @@ def test_module_objective_is_task_loss_plus_weighted_distillation_per_task(model
     temperature = 2.0
 
     expected = torch.zeros(())
-    logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    logits: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for state, which in ((teacher, 0), (student, 1)):
             model.load_state(state)
             for task, part in batch.items():
-                logits.setdefault(task, [None, None])[which] = model(task, part["inputs"])
+                logits.setdefault(task, [torch.zeros(()), torch.zeros(())])[which] = model(task, part["inputs"])
     for task, part in batch.items():
         teacher_logits, student_logits = logits[task]
         targets = part["targets"]
@@ -174,17 +180,10 @@ def test_module_objective_is_task_loss_plus_weighted_distillation_per_task(model
         ) / len(targets)
         expected = expected + (ce + weights[task] * kl) * len(targets) / 8
 
-    # The student is loaded; the teacher only enters through forward_with.
-    module = DistillationModule(
-        model,
-        TASKS,
-        model.component_names(),
-        torch.optim.SGD,
-        teacher=teacher,
-        weights=weights,
-        temperature=temperature,
-    )
+    # The student is loaded; the teacher only enters through its outputs on the same inputs.
+    module = _module(model, Distillation(teacher, weights, temperature))
     loss = module.training_step(batch, 0)
+    assert loss is not None
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
     # The recorded training loss is the plain task loss, and the student's tensors were not touched.
     for task, part in batch.items():
@@ -193,6 +192,59 @@ def test_module_objective_is_task_loss_plus_weighted_distillation_per_task(model
         assert module.train_loss()[task] == pytest.approx(float(ce), rel=1e-5)
     current = model.get_state()
     assert all(torch.equal(current[c][k], student[c][k]) for c in student for k in student[c])
+
+
+def test_the_teacher_is_a_constant_of_the_objective(model: FoundationModel) -> None:
+    model.eval()
+    student, teacher = _random_state(model, 1), _random_state(model, 2)
+    batch = _batch(model)
+    weights = {"sentiment": 1.0, "shapes": 0.5}
+    classification = TaskType.get("classification")
+    with torch.no_grad():
+        model.load_state(teacher)
+        teacher_logits = {task: model(task, part["inputs"]) for task, part in batch.items()}
+    model.load_state(student)
+    model.set_trainable(model.component_names())
+    params = [p for c in model.component_names() for p in model.component_parameters(c).values()]
+    # By hand: the student's task loss plus the KL to the teacher's logits, which are plain numbers.
+    expected = torch.zeros(())
+    for task, part in batch.items():
+        logits, targets = model(task, part["inputs"]), part["targets"]
+        kl = classification.distillation_loss(logits, teacher_logits[task], targets, 1.0)
+        expected = expected + (classification.loss(logits, targets) + weights[task] * kl) * len(targets) / 8
+    loss = _module(model, Distillation(teacher, weights)).training_step(batch, 0)
+    assert loss is not None
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in got)
+    for w, g in zip(want, got, strict=True):
+        assert (w is None) == (g is None)
+        if w is not None and g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_the_teacher_leaves_the_students_randomness_as_a_plain_fits(model: FoundationModel) -> None:
+    # In training mode dropout draws random masks: a teacher run in training mode would draw too and change the
+    # masks of the student's next batches.
+    model.load_state(_random_state(model, 1))
+    model.train()
+    batch = _batch(model)
+    teacher = _random_state(model, 2)
+    losses = []
+    for objective in (None, Distillation(teacher, {"sentiment": 1.0, "shapes": 1.0})):
+        torch.manual_seed(5)
+        module = _module(model, objective)
+        for step in range(3):
+            module.training_step(batch, step)
+        losses.append(module.train_loss())
+        assert model.training  # the teacher's evaluation mode does not outlive its forward pass
+    assert losses[0] == losses[1]
+    # ... and the masks do differ between batches, so a teacher drawing masks would have shown.
+    torch.manual_seed(5)
+    module = _module(model)
+    first = float(module.batch_loss(batch).detach())
+    assert float(module.batch_loss(batch).detach()) != first
+    model.eval()
 
 
 def test_zero_weight_skips_the_teacher(model: FoundationModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,20 +258,29 @@ def test_zero_weight_skips_the_teacher(model: FoundationModel, monkeypatch: pyte
         return original(self, state, task, inputs)
 
     monkeypatch.setattr(FoundationModel, "forward_with", counting)
-    module = DistillationModule(
-        model,
-        TASKS,
-        model.component_names(),
-        torch.optim.SGD,
-        teacher=_random_state(model, 2),
-        weights={"sentiment": 0.0, "shapes": 0.5},
-    )
+    module = _module(model, Distillation(_random_state(model, 2), {"sentiment": 0.0, "shapes": 0.5}))
     module.training_step(_batch(model), 0)
     assert calls == ["shapes"]
 
 
 def test_teacher_must_cover_the_student_slice(model: FoundationModel) -> None:
+    model.eval()
+    model.load_state(_random_state(model, 1))
     teacher = _random_state(model, 2)
     teacher.pop("head[shapes]")
-    with pytest.raises(ValueError, match=r"head\[shapes\]"):
-        DistillationModule(model, TASKS, model.component_names(), torch.optim.SGD, teacher=teacher, weights={})
+    # Checked when the fit starts, even when no weight would ever run the teacher.
+    module = _module(model, Distillation(teacher, {"sentiment": 0.0}))
+    with pytest.raises(ValueError, match=r"teacher's components differ from the student's: \['head\[shapes\]'\]"):
+        module.on_fit_start()
+
+
+def test_a_distillation_form_foreign_to_the_tasks_type_fails_when_the_fit_starts(model: FoundationModel) -> None:
+    model.load_state(_random_state(model, 1))
+    module = _module(model, Distillation(_random_state(model, 2), {"sentiment": 1.0}, forms={"sentiment": "mse"}))
+    with pytest.raises(ValueError, match="mse"):
+        module.on_fit_start()
+
+
+def test_the_temperature_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        Distillation({}, {}, temperature=0.0)

@@ -14,13 +14,13 @@ import torch
 import yaml
 from helpers import tiny_config
 from safetensors.torch import load_file
+from scripted import engine_context
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tapl.algorithms import FedAvg
+from tapl.algorithms import ClientContext, ClientUpdate, Failure, FedAvg
 from tapl.cli import TaplCLI, main
-from tapl.components import ComponentState, clone, num_bytes, select
-from tapl.context import ClientContext, ClientUpdate
+from tapl.components import ComponentState, num_bytes
 from tapl.federation import FederatedOrchestrator
 
 CLIENT_TASKS = {"0": {"sentiment"}, "1": {"shapes"}, "2": {"sentiment", "shapes"}, "3": {"sentiment", "shapes"}}
@@ -76,10 +76,13 @@ class RecordingFedAvg(FedAvg):
 
     rounds: ClassVar[dict[int, dict[str, Any]]] = {}
 
-    def aggregate(self, round: int, global_state: ComponentState, updates: list[ClientUpdate]) -> ComponentState:
-        new_state = super().aggregate(round, global_state, updates)
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        new_state = super().aggregate(round, global_state, results, failures)
         type(self).rounds[round] = {
-            "clients": [u.client for u in updates],
+            "clients": [r.client for r in results],
+            "failures": [f.client for f in failures],
             "before": {c: {k: t.clone() for k, t in p.items()} for c, p in global_state.items()},
             "after": new_state,
         }
@@ -93,7 +96,7 @@ class FaultyClients(RecordingFedAvg):
         if ctx.client.id == 1:
             raise RuntimeError("client 1 lost its connection")
         if ctx.client.id == 2:
-            nan = {c: {k: torch.full_like(t, math.nan) for k, t in p.items()} for c, p in ctx.global_state.items()}
+            nan = {c: {k: torch.full_like(t, math.nan) for k, t in p.items()} for c, p in ctx.received.items()}
             return ClientUpdate(ctx.client.id, nan, ctx.num_train_samples)
         return super().client_update(ctx)
 
@@ -158,6 +161,7 @@ def test_metrics_jsonl_has_one_record_per_round(full_run: Path, assets: dict[str
     records = read_metrics(full_run)
     assert [r["round"] for r in records] == [1, 2, 3, 4]
     orchestrator = build_orchestrator(full_run.parent / "run.yaml")
+    orchestrator.setup(check_values=False)
     for record in records:
         sampled = record["sampled_clients"]
         assert len(sampled) == 2 and len(set(sampled)) == 2 and set(sampled) <= {0, 1, 2, 3}
@@ -168,7 +172,7 @@ def test_metrics_jsonl_has_one_record_per_round(full_run: Path, assets: dict[str
             assert set(metrics) == {f"train_loss/{t}" for t in CLIENT_TASKS[cid]}
             assert all(math.isfinite(v) for v in metrics.values())
         # Communication: each sampled client downloads and uploads exactly its slice.
-        slice_bytes = sum(num_bytes(select(orchestrator.global_state, orchestrator.slices[c])) for c in sampled)
+        slice_bytes = sum(num_bytes(orchestrator.info.slice_of(orchestrator.global_state, c)) for c in sampled)
         assert record["bytes_down"] == slice_bytes
         assert record["bytes_up"] == slice_bytes
         assert record["seconds"] > 0
@@ -365,11 +369,10 @@ def test_cyclic_sampling_visits_every_participant_once_per_pass(assets: dict[str
 
 def test_a_fit_trains_only_the_trainable_components_and_returns_all(assets: dict[str, Path], tmp_path: Path) -> None:
     orchestrator = build_orchestrator(write_config(assets, tmp_path / "run"))
-    orchestrator.data.setup()
-    client = orchestrator.client(2)  # sentiment + shapes
-    start = clone(select(orchestrator.global_state, orchestrator.slices[2]))
+    orchestrator.setup()
+    ctx = engine_context(orchestrator, 2)  # sentiment + shapes
+    start = ctx.received
     heads = ["head[sentiment]", "head[shapes]"]
-    ctx = ClientContext(orchestrator, client, 1, start)
     result = ctx.fit(start, trainable=heads)
     assert sorted(result.state) == sorted(start)
     for component, tensors in start.items():
@@ -444,8 +447,10 @@ def test_failing_and_nan_clients_are_excluded_and_reported(faulty_run: Path) -> 
         assert "non-finite" in failed["2"] or "nan" in failed["2"].lower()
         assert set(record["train"]) == {"0", "3"}
     # The healthy clients' updates, and only theirs, were aggregated, and the engine kept the result.
-    assert RecordingFedAvg.rounds[1]["clients"] == [0, 3]
-    assert RecordingFedAvg.rounds[2]["clients"] == [0, 3]
+    # The algorithm is told which visits failed, beside the results it aggregates.
+    for round in (1, 2):
+        assert RecordingFedAvg.rounds[round]["clients"] == [0, 3]
+        assert RecordingFedAvg.rounds[round]["failures"] == [1, 2]
     for round in (1, 2):
         saved = load_file(faulty_run / "checkpoints" / f"round-{round:06d}" / "server.safetensors")
         assert is_finite_state(saved)

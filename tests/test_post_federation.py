@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from helpers import BatchCounter, fit_tiny, tiny_config, write_tiny_config
+from scripted import engine_context
 
 from tapl.cli import TaplCLI
 from tapl.plateau import Plateau
@@ -54,12 +55,12 @@ def test_post_federation_budgets_count_batches_under_gradient_accumulation(
     cli = TaplCLI(args=["--config", str(config), "--trainer.accumulate_grad_batches", "2"], run=False)
     orchestrator = cli.orchestrator
     assert orchestrator is not None
-    orchestrator.data.setup()
+    orchestrator.setup()
     seen = {}
     for stage in ("federation", "post-federation"):
-        ctx = orchestrator.client_context(0, stage=stage)
+        ctx = engine_context(orchestrator, 0, stage=stage)
         counter = BatchCounter()
-        result = ctx.fit(ctx.global_state, steps=3, callbacks=[counter])
+        result = ctx.fit(ctx.received, steps=3, callbacks=[counter])
         seen[stage] = (result.steps, counter.batches)
     assert seen["federation"] == (3, 6)  # a round's fit accumulates 2 batches per optimizer step
     assert seen["post-federation"] == (3, 3)  # after the rounds, one step per batch: steps count batches

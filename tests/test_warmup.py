@@ -10,9 +10,8 @@ import yaml
 from helpers import tiny_config
 from lightning.pytorch import Callback
 
-from tapl.algorithms import FedAvg
+from tapl.algorithms import ClientUpdate, FedAvg
 from tapl.cli import main
-from tapl.context import ClientUpdate
 from tapl.federation import FederationConfig
 
 SEEN: list[tuple[int, float]] = []
@@ -30,7 +29,7 @@ class RecordingFedAvg(FedAvg):
     """FedAvg that records the learning rate of every local fit."""
 
     def client_update(self, ctx):
-        result = ctx.fit(ctx.global_state, callbacks=[LrRecorder(ctx.round)])
+        result = ctx.fit(ctx.received, callbacks=[LrRecorder(ctx.round)])
         return ClientUpdate(ctx.client.id, result.state, ctx.num_train_samples)
 
 

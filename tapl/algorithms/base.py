@@ -1,20 +1,20 @@
 """The ``Algorithm`` plugin interface: the few hooks a federated (personalization) method overrides.
 
-The engine (:class:`~tapl.federation.FederatedOrchestrator`) owns the loop; each round it samples
-clients, calls :meth:`Algorithm.client_update` for each, :meth:`Algorithm.aggregate` once, evaluates and
-checkpoints. An algorithm overrides only the hooks it needs and never touches the CLI. A new method is one
-subclass in one file, selectable with ``--algorithm my_pkg.MyMethod``.
+An algorithm never sees the engine. Its server side chooses what each round's clients receive and aggregates
+what they upload; its client side runs one client's visit through a :class:`~tapl.context.ClientContext`,
+which fits and evaluates states on the client's data and holds the client's own store. So the same class runs
+in one process or across machines. A new method is one subclass in one file, selectable with
+``--algorithm my_pkg.MyMethod``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
+from tapl.api import ClientUpdate, Failure, FederationInfo, Instruction
 from tapl.components import ComponentState
-from tapl.context import ClientContext, ClientUpdate
-
-if TYPE_CHECKING:
-    from tapl.federation import FederatedOrchestrator
+from tapl.context import ClientContext
+from tapl.reported import ReportedModel, global_model, received
 
 
 class Algorithm:
@@ -22,32 +22,26 @@ class Algorithm:
 
     Hooks, in the order the engine calls them:
 
-    - :meth:`setup` once, before the first round (and before a checkpoint is loaded into it);
-    - per round, :meth:`client_update` for every sampled client, then :meth:`aggregate`, then
-      :meth:`on_round_end`;
-    - after the last round, the post-federation stage: for every client, the engine fine-tunes its global
-      slice (the "+FT" model, ``federation.finetune_steps``) and calls :meth:`finalize_client`; then
-      :meth:`finalize` once;
-    - :meth:`personalized_state` and :meth:`variant_states` whenever a client's models are evaluated;
-    - :meth:`state_dict` / :meth:`load_state_dict` for checkpoints and resume.
+    - :meth:`setup` once, with a frozen description of the federation (before a checkpoint is loaded);
+    - per round, on the server :meth:`configure_round` (what each sampled client receives); on each client
+      :meth:`client_update`; on the server :meth:`aggregate` with the round's results and failures;
+    - after the last round, on each client the engine fine-tunes the global slice (the "+FT" model,
+      ``federation.finetune_steps``) and calls :meth:`post_federation`; then :meth:`on_federation_end` once;
+    - :meth:`models` declares the models reported per client; the engine evaluates them at every evaluation;
+    - :meth:`state_dict` / :meth:`load_state_dict` for the server side's own state in checkpoints. A client's
+      own state lives in ``ctx.store``, which the engine checkpoints.
 
-    Results name each evaluated model by a key (``global``, ``global+FT``, ``personalized`` and the keys of
-    :attr:`variants`) with the label and description given by :attr:`global_label`,
-    :attr:`personalized_label`, :attr:`personalized_description` and :attr:`variants`.
-
-    Local objectives are changed per fit: :meth:`ClientContext.fit` takes a ``loss_fn`` (e.g. a proximal
-    term), Lightning ``callbacks`` (optimizer-step hooks) and a ``module_class`` (a different training step).
+    A fit's local objective is changed by passing an :class:`~tapl.objective.Objective` to
+    :meth:`ClientContext.fit`, its optimizer by passing ``optimizer``.
     """
 
     #: Short name shown in logs and results; defaults to the class name.
     name: str = ""
-    #: Whether the algorithm trains a global model (then the engine reports it and its "+FT" variant).
-    has_global_model: ClassVar[bool] = True
-    #: Whether a visit receives the client's slice of the global model (counted in ``bytes_down``).
-    downloads_global: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self.federation: FederatedOrchestrator | None = None
+        #: The federation, from :meth:`setup` on.
+        self.info: FederationInfo | None = None
+        self._logged: dict[str, float] = {}
 
     @property
     def label(self) -> str:
@@ -55,32 +49,61 @@ class Algorithm:
         return self.name or type(self).__name__
 
     @property
-    def global_label(self) -> str:
-        """What the global model is called in results, e.g. ``"FedAvg"`` (its "+FT" variant adds ``+FT``)."""
-        return self.label
+    def federation(self) -> FederationInfo:
+        """The federation :meth:`setup` was given."""
+        if self.info is None:
+            raise RuntimeError(f"{self.label} is not set up: the engine calls setup() before the first round")
+        return self.info
 
-    @property
-    def personalized_label(self) -> str:
-        """What the personalized model is called in results: the algorithm's label when it overrides
-        :meth:`personalized_state`, else ``"<label> (personalized)"`` (its personalized model is the global
-        slice)."""
-        if type(self).personalized_state is not Algorithm.personalized_state:
-            return self.label
-        return f"{self.label} (personalized)"
+    def setup(self, info: FederationInfo) -> None:
+        """Called once before the first round (and on resume) with the federation's description; validate the
+        algorithm's settings against it here."""
+        self.info = info
 
-    @property
-    def personalized_description(self) -> str:
-        """Which model :meth:`personalized_state` returns, in a sentence for the results files."""
-        return "no personal model: each client's slice of the global model"
+    # -- server side --------------------------------------------------------------------------------------
 
-    @property
-    def variants(self) -> dict[str, dict[str, str]]:
-        """Further models reported per client (see :meth:`variant_states`): key -> ``label`` and ``description``."""
-        return {}
+    def configure_round(self, round: int, clients: list[int], global_state: ComponentState) -> list[Instruction]:
+        """What each client of the round receives; by default every sampled client gets its global slice.
 
-    def setup(self, federation: FederatedOrchestrator) -> None:
-        """Called once before the first round with the engine (model, data, clients, settings)."""
-        self.federation = federation
+        Args:
+            round: The round number.
+            clients: The clients the engine sampled (``federation.sampling``); return instructions for those to
+                visit, in visiting order (a subset is allowed).
+            global_state: The current global model (every component).
+        """
+        return [Instruction(client, self.federation.slice_of(global_state, client)) for client in clients]
+
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        """Combine the round's uploads into the next global state.
+
+        Args:
+            round: The round number.
+            global_state: The current global state (every component).
+            results: The uploads of the visits that succeeded, in visiting order.
+            failures: The visits that failed (raised, or uploaded non-finite or misshapen tensors); at least
+                one visit succeeded.
+
+        Returns:
+            The new global state with every component of ``global_state``.
+        """
+        raise NotImplementedError(f"{self.label} does not implement aggregate()")
+
+    def log(self, name: str, value: float) -> None:
+        """Log a scalar of the round (in :meth:`aggregate`): ``metrics.jsonl``'s ``algorithm`` and TensorBoard's
+        ``algorithm/<name>``."""
+        self._logged[name] = float(value)
+
+    def pop_logged(self) -> dict[str, float]:
+        """The scalars logged since the last call (the engine calls it once per round)."""
+        logged, self._logged = self._logged, {}
+        return logged
+
+    def on_federation_end(self, round: int, global_state: ComponentState) -> None:
+        """Called once when the run is over: after the last round and every client's post-federation stage."""
+
+    # -- client side --------------------------------------------------------------------------------------
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
         """Run one client visit and return what it uploads.
@@ -88,65 +111,43 @@ class Algorithm:
         The default trains the received global slice for ``local_steps`` and uploads it.
 
         Args:
-            ctx: The visit: client, round, the client's global slice and ``fit``/``evaluate`` helpers.
+            ctx: The visit: client, round, what it received, its store and ``fit``/``evaluate``.
         """
-        result = ctx.fit(ctx.global_state)
+        result = ctx.fit(ctx.received)
         metrics = {f"train_loss/{task}": loss for task, loss in result.train_loss.items()}
         return ClientUpdate(ctx.client.id, result.state, ctx.num_train_samples, metrics)
 
-    def aggregate(self, round: int, global_state: ComponentState, updates: list[ClientUpdate]) -> ComponentState:
-        """Combine the round's uploads into the next global state.
-
-        Args:
-            round: The round number.
-            global_state: The current global state (every component).
-            updates: The uploads of the clients whose visit succeeded (failed or non-finite ones are removed).
-
-        Returns:
-            The new global state with every component of ``global_state``.
-        """
-        raise NotImplementedError(f"{self.label} does not implement aggregate()")
-
-    def on_round_end(self, round: int, global_state: ComponentState) -> dict[str, float]:
-        """Called after aggregation; returns extra scalars to log for the round."""
-        return {}
-
-    def finalize_client(self, ctx: ClientContext) -> dict[str, Any]:
-        """Post-federation work on one client (e.g. distillation), after the engine's fine-tuning.
+    def post_federation(self, ctx: ClientContext) -> dict[str, Any]:
+        """Per-client work after the last round (e.g. distillation), after the engine's fine-tuning.
 
         ``ctx.stage`` is ``"post-federation"``; ``ctx.finetuned`` is the client's fine-tuned global slice (or
-        ``None`` when ``federation.finetune_steps`` is 0). The engine checkpoints after every client, so a
-        killed post-federation stage resumes at the next client.
+        ``None`` when ``federation.finetune_steps`` is 0 or there is no global model). The engine checkpoints
+        after every client, so a killed post-federation stage resumes at the next client.
 
         Returns:
-            What to log for this client in ``metrics.jsonl`` (JSON-serialisable; numbers also go to
+            What to log for this client in ``post_federation.jsonl`` (JSON-serialisable; numbers also go to
             TensorBoard), e.g. teacher and student metrics.
         """
         return {}
 
-    def finalize(self, global_state: ComponentState) -> None:
-        """Called once after the post-federation stage of every client (e.g. to write a summary plot)."""
+    # -- reporting ----------------------------------------------------------------------------------------
 
-    def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
-        """The client's personalized model to evaluate, or ``None`` if it is the global slice.
+    def models(self) -> list[ReportedModel]:
+        """The models reported per client, in order. One with key ``"global"`` makes the engine also fine-tune
+        and report ``"global+FT"``; one with key ``"personalized"`` is the method's own model.
 
-        Args:
-            client: Client id.
-            global_state: The client's slice of the current global model.
+        The default reports the global model and, as ``personalized``, the same model (no personal model).
         """
-        return None
+        description = "no personal model: each client's slice of the global model"
+        return [
+            global_model(self.label),
+            ReportedModel("personalized", f"{self.label} (personalized)", description, received),
+        ]
 
-    def variant_states(self, client: int, global_state: ComponentState) -> dict[str, ComponentState]:
-        """Further models of the client to evaluate, by the keys of :attr:`variants` (e.g. ablations).
-
-        Args:
-            client: Client id.
-            global_state: The client's slice of the current global model.
-        """
-        return {}
+    # -- server state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The algorithm's own state (tensors, numbers, strings, lists and dicts of them)."""
+        """The server side's own state (tensors, numbers, strings, lists and dicts of them)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -7,16 +7,13 @@ the global slice the client received at the start of the visit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 from tapl.algorithms.fedavg import FedAvg
-from tapl.algorithms.personal import PersonalModels
-from tapl.algorithms.proximal import ProximalTerm
-from tapl.components import ComponentState, check_finite
-from tapl.context import ClientContext, ClientUpdate
-
-if TYPE_CHECKING:
-    from tapl.federation import FederatedOrchestrator
+from tapl.algorithms.proximal import Proximal
+from tapl.api import ClientUpdate
+from tapl.context import ClientContext
+from tapl.reported import ReportedModel, global_model, initial, stored
 
 
 class Ditto(FedAvg):
@@ -49,45 +46,24 @@ class Ditto(FedAvg):
             raise ValueError(f"algorithm.personal_steps must be >= 1 (or null: local_steps), got {personal_steps}")
         self.lam = lam
         self.personal_steps = personal_steps
-        #: Each visited client's personal model ``v``.
-        self.personal = PersonalModels()
 
-    @property
-    def global_label(self) -> str:
-        return "FedAvg"
+    def client_update(self, ctx: ClientContext) -> ClientUpdate:
+        trained = ctx.fit(ctx.received)
+        proximal = Proximal(ctx.received, self.lam)
+        personal = ctx.fit(ctx.store.get("personal", ctx.initial), steps=self.personal_steps, objective=proximal)
+        ctx.store["personal"] = personal.state
+        metrics = {f"train_loss/{t}": v for t, v in trained.train_loss.items()}
+        metrics.update({f"personal_loss/{t}": v for t, v in personal.train_loss.items()})
+        metrics["proximal_term"] = proximal.mean
+        return ClientUpdate(ctx.client.id, trained.state, ctx.num_train_samples, metrics)
 
-    @property
-    def personalized_description(self) -> str:
-        return (
+    def models(self) -> list[ReportedModel]:
+        description = (
             f"Ditto's personal model of each client: trained on every visit on the task loss plus lam/2 * "
             f"||v - w||^2 (lam = {self.lam:g}) towards the global slice w the client received; never uploaded. "
             "A client never visited holds the initial model."
         )
-
-    def setup(self, federation: FederatedOrchestrator) -> None:
-        super().setup(federation)
-        # The personal model of a client not visited yet: its slice of the initial model.
-        self.personal.start_from(federation.global_state)
-
-    def client_update(self, ctx: ClientContext) -> ClientUpdate:
-        cid = ctx.client.id
-        trained = ctx.fit(ctx.global_state)
-        proximal = ProximalTerm(ctx.global_state, self.lam)
-        fitted = ctx.fit(self.personal.model(cid, ctx.components), steps=self.personal_steps, loss_fn=proximal)
-        check_finite(trained.state, "the trained global slice")
-        check_finite(fitted.state, "the personal model")
-        # The visit succeeded: only now does the client's own state change.
-        self.personal[cid] = fitted.state
-        metrics = {f"train_loss/{t}": v for t, v in trained.train_loss.items()}
-        metrics.update({f"personal_loss/{t}": v for t, v in fitted.train_loss.items()})
-        metrics["proximal_term"] = proximal.mean
-        return ClientUpdate(cid, trained.state, ctx.num_train_samples, metrics)
-
-    def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
-        return self.personal.model(client, global_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"personal": self.personal.to_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.personal.load(state["personal"])
+        return [
+            global_model("FedAvg"),
+            ReportedModel("personalized", self.label, description, stored("personal", initial)),
+        ]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from tapl.algorithms.fedavg import FedAvg
-from tapl.algorithms.proximal import ProximalTerm
-from tapl.context import ClientContext, ClientUpdate
-from tapl.visit_trainer import quiet_lightning
-
-if TYPE_CHECKING:
-    from tapl.federation import FederatedOrchestrator
+from tapl.algorithms.proximal import Proximal
+from tapl.api import ClientUpdate, FederationInfo
+from tapl.context import ClientContext
 
 #: Precisions that keep the trainable tensors in float32, so ``mu * (w - w_global)`` reaches them exactly.
 EXACT_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
@@ -26,7 +23,7 @@ class FedProx(FedAvg):
     over its trainable tensors ``w`` (the slice's components), so each optimizer step's gradient is
     ``grad task_loss(w) + mu * (w - w_global)``; the server then averages like :class:`FedAvg`. The term is
     computed in float32 and counted once per optimizer step under gradient accumulation (see
-    :class:`~tapl.algorithms.proximal.ProximalTerm`). Each upload logs ``proximal_term``, the term's mean over
+    :class:`~tapl.algorithms.proximal.Proximal`). Each upload logs ``proximal_term``, the term's mean over
     the visit's training batches, beside ``train_loss/<task>``.
 
     The trainable tensors must stay float32: ``--trainer.precision`` ``32-true``, ``bf16-mixed`` or
@@ -53,25 +50,22 @@ class FedProx(FedAvg):
             raise ValueError(f"algorithm.mu must be >= 0, got {mu}")
         self.mu = mu
 
-    def setup(self, federation: FederatedOrchestrator) -> None:
-        """Keep the engine and check that the visits' precision keeps the proximal gradient exact.
+    def setup(self, info: FederationInfo) -> None:
+        """Check that the local fits' precision keeps the proximal gradient exact.
 
         Raises:
             ValueError: naming ``trainer.precision`` when it is not one of :data:`EXACT_PRECISIONS`.
         """
-        super().setup(federation)
-        # The precision a visit really runs with (e.g. Lightning turns 16-mixed into bf16-mixed on a CPU).
-        with quiet_lightning():
-            precision = str(federation.trainers.fit_trainer(1).precision)
-        if precision not in EXACT_PRECISIONS:
+        super().setup(info)
+        if info.precision not in EXACT_PRECISIONS:
             raise ValueError(
                 f"FedProx needs float32 trainable tensors for its proximal term, but --trainer.precision is "
-                f"{precision!r}: use one of {', '.join(EXACT_PRECISIONS)} (bf16-mixed for bfloat16 compute)."
+                f"{info.precision!r}: use one of {', '.join(EXACT_PRECISIONS)} (bf16-mixed for bfloat16 compute)."
             )
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
-        proximal = ProximalTerm(ctx.global_state, self.mu)
-        result = ctx.fit(ctx.global_state, loss_fn=proximal)
+        proximal = Proximal(ctx.received, self.mu)
+        result = ctx.fit(ctx.received, objective=proximal)
         metrics = {f"train_loss/{task}": loss for task, loss in result.train_loss.items()}
         metrics["proximal_term"] = proximal.mean
         return ClientUpdate(ctx.client.id, result.state, ctx.num_train_samples, metrics)

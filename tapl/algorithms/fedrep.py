@@ -7,11 +7,13 @@ the body under those heads, and uploads the body only.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
 from tapl.algorithms.fedavg import FedAvg
-from tapl.components import ComponentState, check_finite, clone, head_component, select
-from tapl.context import ClientContext, ClientUpdate
+from tapl.api import ClientUpdate
+from tapl.components import ComponentState, head_component, select
+from tapl.context import ClientContext
+from tapl.reported import ReportedModel
 
 
 class FedRep(FedAvg):
@@ -19,8 +21,7 @@ class FedRep(FedAvg):
 
     The server averages the bodies like FedAvg (each component over the clients that hold it); no client
     uploads a head, so the server's heads stay the untrained initial ones. There is thus no global model to
-    report (``has_global_model = False``: no global or "+FT" rows); the personalized model is the global body
-    with the client's own heads.
+    report (no global or "+FT" rows); the personalized model is the global body with the client's own heads.
 
     Args:
         head_steps: Optimizer steps training the heads, the body frozen, per visit (default:
@@ -29,8 +30,6 @@ class FedRep(FedAvg):
             ``federation.local_steps``).
         weighting: Server aggregation weights of the bodies, as :class:`FedAvg`.
     """
-
-    has_global_model: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -44,17 +43,6 @@ class FedRep(FedAvg):
                 raise ValueError(f"algorithm.{name} must be >= 1 (or null: local_steps), got {steps}")
         self.head_steps = head_steps
         self.body_steps = body_steps
-        #: Each visited client's personal heads.
-        self.heads: dict[int, ComponentState] = {}
-
-    @property
-    def personalized_description(self) -> str:
-        return (
-            "FedRep's model of each client: the global body (every component but the task heads, averaged over "
-            "the clients that hold it) with the client's own task heads, trained locally and never uploaded. "
-            "There is no global model: the server's heads are the untrained initial ones, which a client never "
-            "visited still holds."
-        )
 
     @staticmethod
     def head_components(ctx: ClientContext) -> list[str]:
@@ -62,28 +50,25 @@ class FedRep(FedAvg):
         return sorted(head_component(task) for task in ctx.client.tasks)
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
-        cid = ctx.client.id
         heads = self.head_components(ctx)
         body = [c for c in ctx.components if c not in heads]
-        start = dict(ctx.global_state)
-        if cid in self.heads:
-            start.update(clone(self.heads[cid]))
-        head_fit = ctx.fit(start, steps=self.head_steps, trainable=heads)
+        head_fit = ctx.fit(self.with_own_heads(ctx), steps=self.head_steps, trainable=heads)
         body_fit = ctx.fit(head_fit.state, steps=self.body_steps, trainable=body)
-        check_finite(body_fit.state, "the trained model")
-        # The visit succeeded: only now does the client's own state change.
-        self.heads[cid] = select(body_fit.state, heads)
+        ctx.store["heads"] = select(body_fit.state, heads)
         metrics = {f"head_loss/{t}": v for t, v in head_fit.train_loss.items()}
         metrics.update({f"body_loss/{t}": v for t, v in body_fit.train_loss.items()})
-        return ClientUpdate(cid, select(body_fit.state, body), ctx.num_train_samples, metrics)
+        return ClientUpdate(ctx.client.id, select(body_fit.state, body), ctx.num_train_samples, metrics)
 
-    def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
-        if client not in self.heads:
-            return None
-        return {**global_state, **clone(self.heads[client])}
+    @staticmethod
+    def with_own_heads(ctx: ClientContext) -> ComponentState:
+        """The received body with the client's own heads (the received heads before its first visit)."""
+        return {**ctx.received, **ctx.store.get("heads", {})}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"heads": {str(c): s for c, s in self.heads.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.heads = {int(c): s for c, s in state["heads"].items()}
+    def models(self) -> list[ReportedModel]:
+        description = (
+            "FedRep's model of each client: the global body (every component but the task heads, averaged over "
+            "the clients that hold it) with the client's own task heads, trained locally and never uploaded. "
+            "There is no global model: the server's heads are the untrained initial ones, which a client never "
+            "visited still holds."
+        )
+        return [ReportedModel("personalized", self.label, description, self.with_own_heads)]

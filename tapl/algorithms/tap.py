@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_only
 
 from tapl.algorithms.fedavg import FedAvg
-from tapl.algorithms.personal import PersonalModels
+from tapl.api import ClientUpdate, Failure, FederationInfo
 from tapl.components import ComponentState, check_finite
-from tapl.context import ClientContext, ClientUpdate
-from tapl.distillation import DistillationModule
+from tapl.context import ClientContext
+from tapl.distillation import Distillation
 from tapl.plots import plot_series
+from tapl.reported import ReportedModel, global_model, initial, stored
 from tapl.tasks import Task
-
-if TYPE_CHECKING:
-    from tapl.federation import FederatedOrchestrator
 
 #: The paper's replacement margins for FLAVA, by modality-task pair or task type (see :meth:`TAP.lookup`).
 FLAVA_MARGINS: dict[str, float] = {
@@ -110,13 +107,8 @@ class TAP(FedAvg):
         self.distill_steps = distill_steps
         self.distill_lr = distill_lr
         self.temperature = temperature
-        self.personal = PersonalModels()
-        #: Per client and task, the personal model's loss from its last fit (``hP``; +inf before the first).
-        self.personal_loss: dict[int, dict[str, float]] = {}
-        #: Every replacement: round, client, task, pair and the components copied.
+        #: Every replacement the clients reported: round, client, task, pair and the components copied.
         self.replacements: list[dict[str, Any]] = []
-        #: Stage-2 models: the personal model trained for the same steps without distillation.
-        self.undistilled: dict[int, ComponentState] = {}
 
     # -- names --------------------------------------------------------------------------------------------
 
@@ -124,28 +116,22 @@ class TAP(FedAvg):
     def label(self) -> str:
         return {"adaptive": "TAP", "never": "TAP (never replace)", "always": "TAP (always replace)"}[self.replacement]
 
-    @property
-    def global_label(self) -> str:
-        # The uploads are the trained global slices and the server averages them: FedAvg's global model.
-        return "FedAvg"
-
-    @property
-    def personalized_description(self) -> str:
-        return (
+    def models(self) -> list[ReportedModel]:
+        personal = (
             f"{self.label}'s personal model of each client: during the rounds the stage-1 model (global components "
             "copied in on improvement, then trained locally); after the post-federation stage that model "
             "distilled from the fine-tuned global slice (stage 2). A client never visited holds the initial model."
         )
-
-    @property
-    def variants(self) -> dict[str, dict[str, str]]:
-        return {
-            "no_distillation": {
-                "label": f"{self.label} w/o distillation",
-                "description": "the stage-1 personal model trained for the same post-federation batches, data "
-                "order and learning rate as the distilled one, on the task loss alone (lambda = 0)",
-            }
-        }
+        undistilled = (
+            "the stage-1 personal model trained for the same post-federation batches, data order and learning rate "
+            "as the distilled one, on the task loss alone (lambda = 0)"
+        )
+        return [
+            # The uploads are the trained global slices and the server averages them: FedAvg's global model.
+            global_model("FedAvg"),
+            ReportedModel("personalized", self.label, personal, stored("personal", initial)),
+            ReportedModel("no_distillation", f"{self.label} w/o distillation", undistilled, stored("undistilled")),
+        ]
 
     # -- per-task settings --------------------------------------------------------------------------------
 
@@ -186,38 +172,32 @@ class TAP(FedAvg):
         """The replacement rule: ``hG + eps < hP`` (``hP = +inf`` before the first visit)."""
         return global_loss + margin < personal_loss
 
-    # -- engine hooks -------------------------------------------------------------------------------------
+    # -- stage 1: the rounds -----------------------------------------------------------------------------
 
-    def setup(self, federation: FederatedOrchestrator) -> None:
-        super().setup(federation)
-        if federation.config.finetune_steps < 1:
+    def setup(self, info: FederationInfo) -> None:
+        super().setup(info)
+        if info.finetune_steps < 1:
             raise ValueError(
                 "TAP's stage 2 distils from the fine-tuned global slice: set federation.finetune_steps >= 1."
             )
-        tasks = federation.data.tasks.values()
-        for task in tasks:
+        for task in info.tasks.values():
             self.margin(task)
             self.lookup(self.distill_weights, task, "distill_weights")
             try:
                 self.distill_loss(task)
             except ValueError as error:
                 raise ValueError(f"algorithm.distill_losses, task {task.name!r}: {error}") from None
-        # The personal model of a client not visited yet: its slice of the initial model.
-        self.personal.start_from(federation.global_state)
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
-        assert self.federation is not None
-        cid = ctx.client.id
-        tasks = {name: self.federation.data.tasks[name] for name in ctx.client.tasks}
-        trained = ctx.fit(ctx.global_state)
+        trained = ctx.fit(ctx.received)
         check_finite(trained.state, "the trained global slice")
         global_loss = self._losses(ctx, trained.state, trained.train_loss)
 
-        personal = self.personal.model(cid, ctx.components)
-        history = self.personal_loss.get(cid, {})
+        personal = ctx.store.get("personal", ctx.initial)
+        history = ctx.store.get("losses", {})  # hP per task, from the personal model's last fit
         metrics: dict[str, float] = {f"train_loss/{t}": v for t, v in trained.train_loss.items()}
         events: list[dict[str, Any]] = []
-        for name, task in tasks.items():
+        for name, task in ctx.tasks.items():
             if name not in global_loss:  # the fit saw no batch of this task: nothing to compare
                 continue
             before = history.get(name, math.inf)
@@ -240,14 +220,11 @@ class TAP(FedAvg):
                 )
 
         fitted = ctx.fit(personal)
-        check_finite(fitted.state, "the trained personal model")
         personal_loss = self._losses(ctx, fitted.state, fitted.train_loss)
         metrics.update({f"personal_loss/{t}": v for t, v in personal_loss.items()})
-        # The visit succeeded: only now does the client's own state change.
-        self.personal[cid] = fitted.state
-        self.personal_loss[cid] = {**history, **personal_loss}
-        self.replacements.extend({"client": cid, **e} for e in events)
-        return ClientUpdate(cid, trained.state, ctx.num_train_samples, metrics, events)
+        ctx.store["personal"] = fitted.state
+        ctx.store["losses"] = {**history, **personal_loss}
+        return ClientUpdate(ctx.client.id, trained.state, ctx.num_train_samples, metrics, events)
 
     def _losses(self, ctx: ClientContext, state: ComponentState, train_loss: dict[str, float]) -> dict[str, float]:
         """The losses the criterion compares: the fit's running training loss, or the validation loss."""
@@ -255,14 +232,17 @@ class TAP(FedAvg):
             return dict(train_loss)
         return {task: values["loss"] for task, values in ctx.evaluate(state, "val").items()}
 
-    def on_round_end(self, round: int, global_state: ComponentState) -> dict[str, float]:
-        counts = self.replacement_counts(round)
-        return {f"replacements/{pair}": float(values[-1]) for pair, values in counts.items()}
+    def aggregate(
+        self, round: int, global_state: ComponentState, results: list[ClientUpdate], failures: list[Failure]
+    ) -> ComponentState:
+        self.replacements.extend({"client": r.client, **e} for r in results for e in r.events)
+        for pair, counts in self.replacement_counts(round).items():
+            self.log(f"replacements/{pair}", counts[-1])
+        return super().aggregate(round, global_state, results, failures)
 
     def replacement_counts(self, last_round: int) -> dict[str, list[int]]:
         """Cumulative replacements per modality-task pair after each round ``1..last_round``."""
-        assert self.federation is not None
-        pairs = sorted({t.pair for t in self.federation.data.tasks.values()})
+        pairs = sorted({t.pair for t in self.federation.tasks.values()})
         per_round = {pair: [0] * last_round for pair in pairs}
         for event in self.replacements:
             if event["round"] <= last_round:
@@ -276,28 +256,23 @@ class TAP(FedAvg):
             cumulative[pair] = running
         return cumulative
 
-    def finalize_client(self, ctx: ClientContext) -> dict[str, Any]:
-        assert self.federation is not None and ctx.finetuned is not None
-        config = self.federation.config
-        cid = ctx.client.id
-        tasks = [self.federation.data.tasks[name] for name in ctx.client.tasks]
-        weights = {t.name: self.lookup(self.distill_weights, t, "distill_weights") for t in tasks}
-        forms = {t.name: self.distill_loss(t) for t in tasks}
-        personal = self.personal.model(cid, ctx.components)
+    # -- stage 2: after the rounds -----------------------------------------------------------------------
+
+    def post_federation(self, ctx: ClientContext) -> dict[str, Any]:
+        assert ctx.finetuned is not None  # setup() requires federation.finetune_steps >= 1
+        weights = {t.name: self.lookup(self.distill_weights, t, "distill_weights") for t in ctx.tasks.values()}
+        forms = {t.name: self.distill_loss(t) for t in ctx.tasks.values()}
+        personal = ctx.store.get("personal", ctx.initial)
         budget = {
-            "steps": self.distill_steps or config.finetune_steps,
-            "lr": self.distill_lr or config.finetune_lr,
+            "steps": self.distill_steps or self.federation.finetune_steps,
+            "lr": self.distill_lr or self.federation.finetune_lr,
             "stream": ctx.new_stream(),
         }
-        student_module = partial(
-            DistillationModule, teacher=ctx.finetuned, weights=weights, temperature=self.temperature, forms=forms
-        )
-        student = ctx.fit(personal, module_class=student_module, **budget)
-        check_finite(student.state, "the distilled personal model")
+        distillation = Distillation(ctx.finetuned, weights, self.temperature, forms)
+        student = ctx.fit(personal, objective=distillation, **budget)
         plain = ctx.fit(personal, **budget)
-        check_finite(plain.state, "the personal model trained without distillation")
-        self.personal[cid] = student.state
-        self.undistilled[cid] = plain.state
+        ctx.store["personal"] = student.state
+        ctx.store["undistilled"] = plain.state
         return {
             "distill_weights": weights,
             "distill_losses": forms,
@@ -308,42 +283,26 @@ class TAP(FedAvg):
             },
         }
 
-    def finalize(self, global_state: ComponentState) -> None:
-        self.write_replacement_plot()
+    def on_federation_end(self, round: int, global_state: ComponentState) -> None:
+        self.write_replacement_plot(round)
 
     @rank_zero_only
-    def write_replacement_plot(self) -> None:
+    def write_replacement_plot(self, last_round: int) -> None:
         """Plot cumulative replacement counts per modality-task pair over rounds into the run directory."""
-        assert self.federation is not None
-        last = self.federation.round
         plot_series(
-            list(range(1, last + 1)),
-            self.replacement_counts(last),
-            self.federation.run_dir.root / REPLACEMENT_PLOT,
+            list(range(1, last_round + 1)),
+            self.replacement_counts(last_round),
+            self.federation.run_dir / REPLACEMENT_PLOT,
             title=f"{self.label}: replacements of personal components",
             xlabel="round",
             ylabel="cumulative replacements",
             step=True,
         )
 
-    def personalized_state(self, client: int, global_state: ComponentState) -> ComponentState | None:
-        return self.personal.model(client, global_state)
-
-    def variant_states(self, client: int, global_state: ComponentState) -> dict[str, ComponentState]:
-        return {"no_distillation": self.undistilled[client]} if client in self.undistilled else {}
-
-    # -- state --------------------------------------------------------------------------------------------
+    # -- server state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "personal": self.personal.to_state(),
-            "personal_loss": {str(c): dict(h) for c, h in self.personal_loss.items()},
-            "replacements": list(self.replacements),
-            "undistilled": {str(c): s for c, s in self.undistilled.items()},
-        }
+        return {"replacements": list(self.replacements)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.personal.load(state["personal"])
-        self.personal_loss = {int(c): dict(h) for c, h in state["personal_loss"].items()}
         self.replacements = list(state["replacements"])
-        self.undistilled = {int(c): s for c, s in state["undistilled"].items()}

@@ -4,8 +4,8 @@ from tapl.models.encoders import Encoder, PatchImageEncoder, Preprocessor, TextE
 from tapl.models.flava import FlavaFusion, FlavaImageEncoder, FlavaTextEncoder
 from tapl.models.foundation import FoundationModel
 from tapl.models.fusion import Fusion
-from tapl.models.loading import LoraSettings, resolve_pretrained
 from tapl.models.vilt import ViltFusion, ViltImageEncoder, ViltTextEncoder
+from tapl.pretrained import LoraSettings, resolve_pretrained
 
 __all__ = [
     "Encoder",

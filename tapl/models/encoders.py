@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tapl.models.loading import LoraSettings, attach_lora, load_backbone, load_tokenizer
+from tapl.pretrained import LoraSettings, attach_lora, load_backbone, load_tokenizer
 
 
 class Encoder(nn.Module, ABC):

@@ -20,7 +20,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from tapl.models.encoders import Encoder, ImagePreprocessor, TextEncoder
 from tapl.models.fusion import Fusion
-from tapl.models.loading import LoraSettings, attach_lora, load_backbone
+from tapl.pretrained import LoraSettings, attach_lora, load_backbone
 
 
 def fit_pixels(pixels: Tensor, size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:

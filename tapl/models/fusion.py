@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 
-from tapl.models.loading import LoraSettings, load_backbone, lora_target_modules
+from tapl.pretrained import LoraSettings, load_backbone, lora_target_modules
 
 SHARED_EXPERT = "shared"
 _ADAPTER_OF_PARAMETER = re.compile(r"\.lora_[AB]\.([^.]+)\.")

@@ -27,7 +27,7 @@ from transformers.utils.constants import IMAGENET_STANDARD_MEAN, IMAGENET_STANDA
 from tapl.models.encoders import Encoder, ImagePreprocessor, TextPreprocessor
 from tapl.models.flava import fit_pixels
 from tapl.models.fusion import Fusion
-from tapl.models.loading import LoraSettings, load_backbone, load_tokenizer
+from tapl.pretrained import LoraSettings, load_backbone, load_tokenizer
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1  # ViLT's modality-type ids
 

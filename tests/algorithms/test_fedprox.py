@@ -1,5 +1,6 @@
-"""Tests for tapl.algorithms.fedprox and its ProximalTerm: the proximal gradient by hand on a tiny model, under
-gradient accumulation and mixed precision, the precision check, and a run from the CLI."""
+"""Tests for tapl.algorithms.fedprox and its Proximal objective: the proximal gradient by hand on a tiny model,
+under gradient accumulation and mixed precision, FedProx's visit through a real client context, the precision
+check, and a run from the CLI."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,19 +15,20 @@ import torch
 import yaml
 from helpers import make_text_image_model, save_tiny_tokenizer, tiny_config
 from lightning.pytorch.plugins import MixedPrecision
+from scripted import context, federation, objective_value
 from torch.amp import GradScaler
 from torch.utils.data import DataLoader
 from transformers import BertModel
 
 from tapl.algorithms import FedProx
-from tapl.algorithms.proximal import ProximalTerm
+from tapl.algorithms.proximal import Proximal
+from tapl.api import ClientInfo, FitResult
 from tapl.cli import main
-from tapl.client import ClientModule, LossFn
+from tapl.client import ClientModule
 from tapl.components import ComponentState, clone
-from tapl.context import FitResult
 from tapl.datamodules.collate import MultiTaskCollator, TaskBatch
-from tapl.datamodules.federated import ClientSpec
 from tapl.models import FoundationModel
+from tapl.objective import Objective
 from tapl.tasks import Task
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
@@ -93,14 +94,14 @@ def batches(model: FoundationModel) -> list[TaskBatch]:
 
 
 def train(
-    model: FoundationModel, state: ComponentState, batches: list[TaskBatch], loss_fn: LossFn | None, **trainer: Any
+    model: FoundationModel, state: ComponentState, batches: list[TaskBatch], objective: Objective | None, **trainer: Any
 ) -> FitResult:
     """Plain SGD (lr ``LR``) from ``state``, one optimizer step per batch (per ``accumulate_grad_batches``
     batches), through a Lightning ``Trainer`` built like a client visit's."""
     components = sorted(state)
     model.load_state(state)
     model.set_trainable(components)
-    module = ClientModule(model, TASKS, components, lambda params: torch.optim.SGD(params, lr=LR), loss_fn=loss_fn)
+    module = ClientModule(model, TASKS, components, lambda params: torch.optim.SGD(params, lr=LR), objective=objective)
     steps = len(batches) // trainer.get("accumulate_grad_batches", 1)
     fit_trainer = VisitTrainers({"accelerator": "cpu", "devices": 1, **trainer}).fit_trainer(steps)
     with quiet_lightning():
@@ -163,7 +164,7 @@ def test_the_model_trains_deterministically(model: FoundationModel, start: Compo
 def test_one_sgd_step_moves_by_lr_times_task_gradient_plus_mu_times_distance(
     model: FoundationModel, reference: ComponentState, start: ComponentState, batches: list
 ) -> None:
-    term = ProximalTerm(reference, MU)
+    term = Proximal(reference, MU)
     trained = train(model, start, batches[:1], term).state
 
     grad = task_gradient(model, start, batches[0])
@@ -179,7 +180,7 @@ def test_mu_zero_is_plain_training(
     model: FoundationModel, reference: ComponentState, start: ComponentState, batches: list
 ) -> None:
     plain = train(model, start, batches, None).state
-    term = ProximalTerm(reference, 0.0)
+    term = Proximal(reference, 0.0)
     with_zero_term = train(model, start, batches, term).state
     assert max_difference(plain, with_zero_term) == 0.0
     assert term.mean == 0.0
@@ -188,7 +189,7 @@ def test_mu_zero_is_plain_training(
 def test_gradient_accumulation_counts_the_proximal_gradient_once_per_optimizer_step(
     model: FoundationModel, reference: ComponentState, start: ComponentState, batches: list
 ) -> None:
-    term = ProximalTerm(reference, MU)
+    term = Proximal(reference, MU)
     trained = train(model, start, batches, term, accumulate_grad_batches=2).state
 
     # Lightning divides each micro-batch's loss by 2: the mean task gradient, and the proximal one once.
@@ -221,7 +222,7 @@ def test_the_proximal_gradient_and_term_are_float32_exact_under_every_accepted_p
     trainer: dict[str, Any],
     low_precision: torch.dtype | None,
 ) -> None:
-    term = ProximalTerm(reference, MU)
+    term = Proximal(reference, MU)
     with_term = train(model, start, batches[:1], term, **trainer).state
     without_term = train(model, start, batches[:1], None, **trainer).state
 
@@ -244,39 +245,39 @@ def test_the_proximal_weight_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match=r"algorithm\.mu must be >= 0, got -0\.1"):
         FedProx(mu=-0.1)
     with pytest.raises(ValueError, match="mu must be >= 0"):
-        ProximalTerm({}, -1.0)
+        Proximal({}, -1.0)
 
 
 # -- FedProx's visit -----------------------------------------------------------------------------------------------
 
 
-class TrainingVisit:
-    """A client visit (the part of ``ClientContext`` an algorithm uses) whose ``fit`` takes one real SGD step
-    per batch through a Lightning ``Trainer``."""
+class BatchTraining:
+    """A client's local training (what a ``ClientContext`` fits through) that takes one real SGD step per batch
+    through a Lightning ``Trainer`` and records the arguments of every fit."""
 
-    def __init__(self, model: FoundationModel, global_state: ComponentState, batches: list[TaskBatch]) -> None:
+    def __init__(self, model: FoundationModel, batches: list[TaskBatch]) -> None:
         self.model = model
-        self.client = ClientSpec(7, ("sentiment", "shapes"))
-        self.round = 1
-        self.global_state = global_state
-        self.components = sorted(global_state)
-        self.num_train_samples = 11
         self.batches = batches
-        self.fits: list[FitResult] = []
+        self.fits: list[tuple[dict[str, Any], FitResult]] = []
 
-    def fit(self, state: ComponentState, *, loss_fn: LossFn | None = None, **kwargs: Any) -> FitResult:
-        assert not kwargs, "FedProx fits with the engine's defaults"
-        result = train(self.model, state, self.batches, loss_fn)
-        self.fits.append(result)
+    def fit(self, client: ClientInfo, state: ComponentState, **kwargs: Any) -> FitResult:
+        result = train(self.model, state, self.batches, kwargs["objective"])
+        self.fits.append((kwargs, result))
         return result
+
+    def evaluate(self, client: ClientInfo, state: ComponentState, split: str) -> dict[str, dict[str, float]]:
+        raise AssertionError("FedProx's visit evaluates nothing")
 
 
 def test_fedprox_trains_the_global_slice_towards_itself_and_logs_the_mean_term(
     model: FoundationModel, reference: ComponentState, batches: list
 ) -> None:
-    received = clone(reference)
-    visit = TrainingVisit(model, received, batches)
-    update = FedProx(mu=MU).client_update(visit)  # type: ignore[arg-type]
+    info = federation(reference, clients={7: ("sentiment", "shapes")}, tasks={t.name: t for t in TASKS})
+    training = BatchTraining(model, batches)
+    ctx = context(info, training, client=7, received=clone(reference))
+    algorithm = FedProx(mu=MU)
+    algorithm.setup(info)
+    update = algorithm.client_update(ctx)
 
     # Step 1 starts at w_global (no proximal gradient); step 2 is pulled back towards w_global.
     w1 = combine(lambda w, g: w - LR * g, reference, task_gradient(model, reference, batches[0]))
@@ -285,30 +286,51 @@ def test_fedprox_trains_the_global_slice_towards_itself_and_logs_the_mean_term(
     assert_states_close(update.state, w2)
     assert max_difference(update.state, combine(lambda w, g: w - LR * g, w1, g2)) > 1e-3
 
-    assert (update.client, update.num_samples, update.events) == (7, 11, [])
-    [fit] = visit.fits
+    assert (update.client, update.num_samples, update.events) == (7, ctx.num_train_samples, [])
+    [(kwargs, fit)] = training.fits
+    # One fit with the engine's defaults (steps, learning rate, optimizer, trainer) and the proximal objective.
+    assert (kwargs["steps"], kwargs["lr"], kwargs["optimizer"], kwargs["trainable"]) == (None, None, None, None)
+    assert (kwargs["trainer_overrides"], list(kwargs["callbacks"])) == (None, [])
+    proximal = kwargs["objective"]
+    assert isinstance(proximal, Proximal) and proximal.mu == MU
     assert update.metrics == {
         "train_loss/sentiment": fit.train_loss["sentiment"],
         "train_loss/shapes": fit.train_loss["shapes"],
         "proximal_term": pytest.approx((0.0 + proximal_value(w1, reference, MU)) / 2, rel=1e-5),
     }
-    assert max_difference(received, reference) == 0.0, "the received slice must stay as it came"
+    assert update.metrics["proximal_term"] == proximal.mean
+    assert max_difference(ctx.received, reference) == 0.0, "the received slice must stay as it came"
+
+
+def test_the_term_covers_the_trained_tensors_only() -> None:
+    # A reference with more components than the fit trains (e.g. a fit of some components of a slice).
+    reference = {"a": {"w": torch.tensor([1.0, -2.0])}, "b": {"w": torch.tensor([5.0])}}
+    trained = {"a": {"w": torch.tensor([1.5, 0.0])}}
+    proximal = Proximal(reference, 0.4)
+    assert proximal.mean == 0.0, "no batch yet"
+    value = objective_value(proximal, trained, task_loss=0.25)
+    assert float(value) == pytest.approx(0.25 + 0.5 * 0.4 * (0.5**2 + 2.0**2))
+    assert proximal.mean == pytest.approx(0.5 * 0.4 * (0.5**2 + 2.0**2))
 
 
 # -- precision check ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", [None, "32-true", 32, "bf16-mixed", "16-mixed"])
-def test_setup_accepts_precisions_that_keep_float32_weights(precision: Any) -> None:
-    trainer = {"accelerator": "cpu", "devices": 1, "precision": precision}
-    FedProx().setup(SimpleNamespace(trainers=VisitTrainers(trainer)))  # type: ignore[arg-type]
+def fedprox_setup(precision: str) -> None:
+    """``FedProx().setup`` in a federation whose local fits run at ``precision``."""
+    state = {"a": {"w": torch.zeros(2)}}
+    FedProx().setup(federation(state, precision=precision))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_setup_accepts_precisions_that_keep_float32_weights(precision: str) -> None:
+    fedprox_setup(precision)
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true"])
 def test_setup_rejects_precisions_whose_weights_are_not_float32(precision: str) -> None:
-    trainer = {"accelerator": "cpu", "devices": 1, "precision": precision}
     with pytest.raises(ValueError, match=rf"--trainer\.precision is '{precision}'.*32-true, bf16-mixed"):
-        FedProx().setup(SimpleNamespace(trainers=VisitTrainers(trainer)))  # type: ignore[arg-type]
+        fedprox_setup(precision)
 
 
 # -- from the command line ------------------------------------------------------------------------------------------
@@ -326,7 +348,9 @@ def test_fedprox_runs_from_the_cli_and_logs_the_proximal_term_of_every_sampled_c
     assets: dict[str, Path], tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    main(["fit", "--config", str(write_config(assets, run_dir)), "--algorithm", "FedProx", "--algorithm.mu", "0.1"])
+    # --trainer.precision 32 is the precision the engine describes to FedProx as "32-true".
+    args = ["--algorithm", "FedProx", "--algorithm.mu", "0.1", "--trainer.precision", "32"]
+    main(["fit", "--config", str(write_config(assets, run_dir)), *args])
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["algorithm"] == {

@@ -1,7 +1,9 @@
-"""Tests for FedRep: heads trained alone then the body alone, bodies uploaded and averaged, local heads, runs."""
+"""Tests for FedRep: heads trained alone then the body alone, bodies uploaded and averaged, heads kept in the
+client's store, the model it reports, and runs."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -11,13 +13,16 @@ from typing import Any
 import pytest
 import torch
 from helpers import fit_tiny, tiny_config
+from helpers import read_records as records
 from helpers import read_results as results
 from safetensors.torch import load_file
+from scripted import ScriptedTraining, context, engine_context, federation, with_slices
 
-from tapl.algorithms import FedRep
+from tapl.algorithms import ClientContext, ClientUpdate, FedRep
+from tapl.api import ClientInfo, FitResult
 from tapl.cli import TaplCLI
 from tapl.components import ComponentState, clone, select
-from tapl.context import ClientContext, FitResult
+from tapl.engine.client_store import ClientStateError, ClientStore
 from tapl.federation import FederatedOrchestrator
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -43,18 +48,127 @@ def changed(before: ComponentState, after: ComponentState) -> set[str]:
     return {c for c, p in before.items() if any(not torch.equal(t, after[c][k]) for k, t in p.items())}
 
 
-class RecordingVisit(ClientContext):
-    """A real visit that keeps what each fit started from, trained and returned."""
+# -- scripted visits ------------------------------------------------------------------------------------------
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+ENC, HEAD_A, HEAD_B = "encoder[text]", "head[a]", "head[b]"
+INITIAL: ComponentState = {c: {"w": torch.full((2,), float(i))} for i, c in enumerate([ENC, HEAD_A, HEAD_B])}
+#: Client 0 holds tasks a and b, client 1 task b only.
+INFO = with_slices(federation(INITIAL, clients={0: ["a", "b"], 1: ["b"]}), {1: [ENC, HEAD_B]})
+
+
+def scripted_visit(
+    fedrep: FedRep, clients: ClientStore, client: int, received: ComponentState, training: ScriptedTraining
+) -> tuple[ClientContext, ClientUpdate]:
+    """A visit as the engine runs it: on a copy of the client's store, kept once the visit succeeded."""
+    ctx = context(INFO, training, client, received=received, store=clients.checkout(client))
+    update = fedrep.client_update(ctx)
+    clients.commit(client, ctx.store)
+    return ctx, update
+
+
+def personalized(fedrep: FedRep, clients: ClientStore, client: int, received: ComponentState) -> ComponentState:
+    """The model the engine evaluates for ``client``, which receives ``received``."""
+    [model] = fedrep.models()
+    store = clients.checkout(client)
+    state = model.state(context(INFO, ScriptedTraining(), client, received=received, store=store, stage="evaluation"))
+    assert state is not None
+    return state
+
+
+def test_a_scripted_visit_fits_the_heads_then_the_body_and_keeps_the_heads_in_the_clients_store() -> None:
+    fedrep = FedRep(head_steps=4, body_steps=6)
+    fedrep.setup(INFO)
+    clients, training = ClientStore(), ScriptedTraining()
+    _, update = scripted_visit(fedrep, clients, 0, clone(INITIAL), training)
+
+    heads, body = training.fits
+    assert (heads["trainable"], heads["steps"]) == ([HEAD_A, HEAD_B], 4)
+    assert same(heads["state"], INITIAL)  # before its first visit: the received heads
+    assert (body["trainable"], body["steps"]) == ([ENC], 6)
+    # The body fit starts from the trained heads (+100) over the received body.
+    trained_heads = {c: {"w": INITIAL[c]["w"] + 100} for c in (HEAD_A, HEAD_B)}
+    assert same(body["state"], {ENC: INITIAL[ENC], **trained_heads})
+    assert same(update.state, {ENC: {"w": INITIAL[ENC]["w"] + 200}})  # the body alone goes up
+    assert same(clients.checkout(0), {"heads": select(body["state"], [HEAD_A, HEAD_B])})
+    assert update.metrics == {"head_loss/a": 1.0, "head_loss/b": 10.0, "body_loss/a": 2.0, "body_loss/b": 20.0}
+
+
+def test_the_personalized_model_is_the_received_body_with_the_clients_own_heads() -> None:
+    fedrep = FedRep()
+    fedrep.setup(INFO)
+    clients = ClientStore()
+    scripted_visit(fedrep, clients, 0, clone(INITIAL), ScriptedTraining())
+    received = {c: {"w": torch.full((2,), -5.0)} for c in INITIAL}
+    own_heads = clients.checkout(0)["heads"]
+    assert same(personalized(fedrep, clients, 0, received), {ENC: received[ENC], **own_heads})
+    # A client never visited holds the server's heads, which no client trains.
+    client_1 = INFO.slice_of(received, 1)
+    assert same(personalized(fedrep, clients, 1, client_1), client_1)
+    # The next visit starts from the same model.
+    training = ScriptedTraining()
+    scripted_visit(fedrep, clients, 0, clone(received), training)
+    assert same(training.fits[0]["state"], {ENC: received[ENC], **own_heads})
+
+
+def test_non_finite_heads_fail_the_visit_and_keep_the_old_ones() -> None:
+    fedrep = FedRep()
+    fedrep.setup(INFO)
+    clients = ClientStore()
+    scripted_visit(fedrep, clients, 0, clone(INITIAL), ScriptedTraining())
+    before = clients.checkout(0)
+    nan_heads = ScriptedTraining(shift=lambda n, call: math.nan if n == 1 else 100.0)
+    with pytest.raises(ClientStateError, match=r"non-finite.* heads/head\[a\]/w"):
+        scripted_visit(fedrep, clients, 0, clone(INITIAL), nan_heads)
+    assert same(clients.checkout(0), before)
+
+
+def test_the_stores_round_trip_a_checkpoint_and_the_server_keeps_nothing() -> None:
+    fedrep = FedRep()
+    fedrep.setup(INFO)
+    clients = ClientStore()
+    for client in (0, 1):
+        scripted_visit(fedrep, clients, client, INFO.slice_of(INITIAL, client), ScriptedTraining())
+    assert fedrep.state_dict() == {}
+    saved = io.BytesIO()
+    torch.save(clients.state_dict(), saved)
+    saved.seek(0)
+    restored = ClientStore()
+    restored.load_state_dict(torch.load(saved, weights_only=True))
+    assert same(restored.state_dict(), clients.state_dict())
+    assert set(restored.checkout(1)["heads"]) == {HEAD_B}
+    for client in (0, 1):
+        received = INFO.slice_of(INITIAL, client)
+        assert same(personalized(fedrep, restored, client, received), personalized(fedrep, clients, client, received))
+
+
+def test_settings_and_the_reported_model() -> None:
+    assert (FedRep().head_steps, FedRep().body_steps) == (None, None)
+    # No global model: no global or "+FT" rows, only the personalized one.
+    assert [(m.key, m.label) for m in FedRep().models()] == [("personalized", "FedRep")]
+    with pytest.raises(ValueError, match=r"algorithm\.head_steps"):
+        FedRep(head_steps=0)
+    with pytest.raises(ValueError, match=r"algorithm\.body_steps"):
+        FedRep(body_steps=0)
+
+
+# -- visits with the engine's local training ------------------------------------------------------------------
+
+
+class RecordingTraining:
+    """The engine's local training, keeping what each fit started from, was asked and returned."""
+
+    def __init__(self, training: Any) -> None:
+        self.training = training
         self.fits: list[tuple[ComponentState, dict[str, Any], FitResult]] = []
 
-    def fit(self, state: ComponentState, **kwargs: Any) -> FitResult:
+    def fit(self, client: ClientInfo, state: ComponentState, **kwargs: Any) -> FitResult:
         start = clone(state)
-        result = super().fit(state, **kwargs)
+        result = self.training.fit(client, state, **kwargs)
         self.fits.append((start, kwargs, result))
         return result
+
+    def evaluate(self, client: ClientInfo, state: ComponentState, split: str) -> dict[str, dict[str, float]]:
+        return self.training.evaluate(client, state, split)
 
 
 @pytest.fixture
@@ -63,20 +177,19 @@ def orchestrator(assets: dict[str, Path], tmp_path: Path) -> FederatedOrchestrat
     config["algorithm"] = {"class_path": "FedRep", "init_args": {"head_steps": 2, "body_steps": 3}}
     built = TaplCLI(args=config, run=False).orchestrator
     assert built is not None
-    built.data.setup()
-    built.algorithm.setup(built)
+    built.setup(check_values=False)
     return built
 
 
-def visit(orchestrator: FederatedOrchestrator, client: int, round: int) -> RecordingVisit:
-    ctx = RecordingVisit(
-        orchestrator,
-        orchestrator.client(client),
-        round,
-        clone(select(orchestrator.global_state, orchestrator.slices[client])),
-    )
-    ctx.update = orchestrator.algorithm.client_update(ctx)  # type: ignore[attr-defined]
-    return ctx
+def visit(
+    orchestrator: FederatedOrchestrator, client: int, round: int
+) -> tuple[RecordingTraining, ClientContext, ClientUpdate]:
+    """A visit as the engine runs it, over its local training, with its client store."""
+    training = RecordingTraining(orchestrator.training)
+    ctx = engine_context(orchestrator, client, round, training=training)
+    update = orchestrator.algorithm.client_update(ctx)
+    orchestrator.store.commit(client, ctx.store)
+    return training, ctx, update
 
 
 def test_a_visit_trains_the_heads_alone_then_the_body_alone_and_uploads_the_body(
@@ -84,14 +197,14 @@ def test_a_visit_trains_the_heads_alone_then_the_body_alone_and_uploads_the_body
 ) -> None:
     fedrep = orchestrator.algorithm
     assert isinstance(fedrep, FedRep) and (fedrep.head_steps, fedrep.body_steps) == (2, 3)
-    ctx = visit(orchestrator, 2, 1)  # sentiment + shapes
-    components = set(orchestrator.slices[2])
+    training, ctx, update = visit(orchestrator, 2, 1)  # sentiment + shapes
+    components = set(orchestrator.info.clients[2].components)
     body = components - HEADS
     assert body and components > HEADS
 
-    (head_start, head_args, head_fit), (body_start, body_args, body_fit) = ctx.fits
+    (head_start, head_args, head_fit), (body_start, body_args, body_fit) = training.fits
     # First visit: the received slice, heads included.
-    assert same(head_start, ctx.global_state)
+    assert same(head_start, ctx.received)
     assert sorted(head_args["trainable"]) == sorted(HEADS) and head_fit.steps == 2
     assert changed(head_start, head_fit.state) == HEADS
     # The body fit starts from the trained heads and changes only the body.
@@ -99,12 +212,11 @@ def test_a_visit_trains_the_heads_alone_then_the_body_alone_and_uploads_the_body
     assert sorted(body_args["trainable"]) == sorted(body) and body_fit.steps == 3
     assert changed(body_start, body_fit.state) == body
 
-    update = ctx.update  # type: ignore[attr-defined]
     assert set(update.state) == body
     assert same(update.state, select(body_fit.state, body))
-    assert same(fedrep.heads[2], select(head_fit.state, HEADS))
-    for task in ("sentiment", "shapes"):
-        assert f"head_loss/{task}" in update.metrics and f"body_loss/{task}" in update.metrics
+    assert same(orchestrator.store.checkout(2), {"heads": select(head_fit.state, HEADS)})
+    for task_name in ("sentiment", "shapes"):
+        assert f"head_loss/{task_name}" in update.metrics and f"body_loss/{task_name}" in update.metrics
 
 
 def test_heads_stay_on_their_client_and_the_servers_heads_never_change(
@@ -112,65 +224,65 @@ def test_heads_stay_on_their_client_and_the_servers_heads_never_change(
 ) -> None:
     fedrep = orchestrator.algorithm
     initial = clone(orchestrator.global_state)
-    first = [visit(orchestrator, c, 1) for c in (0, 2)]
-    uploads = [v.update for v in first]  # type: ignore[attr-defined]
-    orchestrator.global_state = fedrep.aggregate(1, orchestrator.global_state, uploads)
+    uploads = [visit(orchestrator, c, 1)[2] for c in (0, 2)]
+    orchestrator.global_state = fedrep.aggregate(1, orchestrator.global_state, uploads, [])
     server_heads = sorted(c for c in initial if c.startswith("head["))
     assert same(select(orchestrator.global_state, server_heads), select(initial, server_heads))
-    assert changed(initial, orchestrator.global_state) == set(orchestrator.slices[2]) - HEADS
+    assert changed(initial, orchestrator.global_state) == set(orchestrator.info.clients[2].components) - HEADS
 
-    heads_after_first = clone(fedrep.heads[2])
-    second = visit(orchestrator, 2, 2)
-    head_start = second.fits[0][0]
+    heads_after_first = orchestrator.store.checkout(2)["heads"]
+    training, _, _ = visit(orchestrator, 2, 2)
+    head_start = training.fits[0][0]
     # The second visit starts from the new global body and the client's own heads from its first visit.
-    body = sorted(set(orchestrator.slices[2]) - HEADS)
+    body = sorted(set(orchestrator.info.clients[2].components) - HEADS)
     assert same(select(head_start, body), select(orchestrator.global_state, body))
     assert same(select(head_start, sorted(HEADS)), heads_after_first)
     assert not same(heads_after_first, select(initial, sorted(HEADS)))
-    # Client 0's heads (sentiment only) are its own, untouched by client 2's visit.
-    assert set(fedrep.heads[0]) == {"head[sentiment]"}
-    assert not same(fedrep.heads[0]["head[sentiment]"], fedrep.heads[2]["head[sentiment]"])
+    # Client 0's heads (sentiment only) are its own, untouched by client 2's visits.
+    heads_0, heads_2 = orchestrator.store.checkout(0)["heads"], orchestrator.store.checkout(2)["heads"]
+    assert set(heads_0) == {"head[sentiment]"}
+    assert not same(heads_0["head[sentiment]"], heads_2["head[sentiment]"])
 
-    # Personalized: the current global body with the client's heads; a client never visited: the global slice.
-    global_slice = clone(select(orchestrator.global_state, orchestrator.slices[2]))
-    personalized = fedrep.personalized_state(2, global_slice)
-    assert same(personalized, {**select(global_slice, body), **fedrep.heads[2]})
-    assert fedrep.personalized_state(1, global_slice) is None
+    # Personalized: the current global body with the client's heads; a client never visited: its global slice,
+    # with the server's untrained heads.
+    [model] = fedrep.models()
+    assert same(model.state(engine_context(orchestrator, 2)), {**select(orchestrator.global_state, body), **heads_2})
+    client_1 = orchestrator.info.slice_of(orchestrator.global_state, 1)
+    assert same(model.state(engine_context(orchestrator, 1)), client_1)
 
 
-def test_a_non_finite_result_fails_the_visit_and_keeps_the_old_heads(
-    orchestrator: FederatedOrchestrator, monkeypatch: pytest.MonkeyPatch
+def test_a_non_finite_upload_fails_the_visit_and_keeps_the_old_heads(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fedrep = orchestrator.algorithm
-    visit(orchestrator, 0, 1)
-    before = clone(fedrep.heads[0])
-    original = RecordingVisit.fit
+    config = tiny_config(assets, tmp_path / "run", rounds=3, finetune_steps=0)
+    config["algorithm"] = "FedRep"
+    engine = TaplCLI(args=config, run=False).orchestrator
+    assert engine is not None
+    fit = engine.training.fit
 
-    def nan_body_fit(self: RecordingVisit, state: ComponentState, **kwargs: Any) -> FitResult:
-        result = original(self, state, **kwargs)
-        if len(self.fits) == 2:
+    def nan_body_of_client_3_in_round_3(client: ClientInfo, state: ComponentState, **kwargs: Any) -> FitResult:
+        result = fit(client, state, **kwargs)
+        if (client.id, kwargs["round"]) == (3, 3) and "encoder[text]" in (kwargs["trainable"] or ()):
             next(iter(result.state["encoder[text]"].values())).fill_(math.nan)
         return result
 
-    monkeypatch.setattr(RecordingVisit, "fit", nan_body_fit)
-    with pytest.raises(FloatingPointError, match=r"encoder\[text\]"):
-        visit(orchestrator, 0, 2)
-    assert same(fedrep.heads[0], before)
+    monkeypatch.setattr(engine.training, "fit", nan_body_of_client_3_in_round_3)
+    engine.fit()
 
+    rounds = records(tmp_path / "run")
+    assert [r["sampled_clients"] for r in rounds] == [[1, 3], [0, 2], [1, 3]]
+    assert [set(r["failed_clients"]) for r in rounds] == [set(), set(), {"3"}]
+    assert "encoder[text]" in rounds[2]["failed_clients"]["3"]
+    assert set(rounds[2]["train"]) == {"1"}
 
-def test_state_dict_round_trip_and_settings() -> None:
-    heads = {3: {"head[a]": {"w": torch.tensor([1.0, 2.0])}}}
-    fedrep = FedRep()
-    fedrep.heads = {3: clone(heads[3])}
-    restored = FedRep()
-    restored.load_state_dict(fedrep.state_dict())
-    assert same(restored.heads, heads)
-    assert (FedRep().head_steps, FedRep().body_steps) == (None, None)
-    assert FedRep.has_global_model is False
-    with pytest.raises(ValueError, match=r"algorithm\.head_steps"):
-        FedRep(head_steps=0)
-    with pytest.raises(ValueError, match=r"algorithm\.body_steps"):
-        FedRep(body_steps=0)
+    def stores(checkpoint: str) -> dict[str, Any]:
+        state = torch.load(tmp_path / "run" / "checkpoints" / checkpoint / "state.pt", weights_only=True)
+        return state["client_store"]
+
+    # Client 3 keeps the heads of its round-1 visit; client 1, whose round-3 visit succeeded, has new ones.
+    assert same(stores("round-000003")["3"], stores("round-000001")["3"])
+    assert not same(stores("round-000003")["1"], stores("round-000001")["1"])
+    assert results(tmp_path / "run")["clients"]["3"]["failures"] == 1
 
 
 # -- runs through the CLI -------------------------------------------------------------------------------------
@@ -198,10 +310,11 @@ def test_a_run_reports_only_the_personalized_model_for_every_client_and_task(two
     assert final_state(two_rounds)["post_federation"]["finetuned"] == {}
     records = [json.loads(line) for line in (two_rounds / "metrics.jsonl").read_text().splitlines()]
     visited = {str(c) for r in records for c in r["sampled_clients"]}
-    heads = final_state(two_rounds)["algorithm"]["heads"]
-    assert set(heads) == visited
-    for client, state in heads.items():
-        assert set(state) == {f"head[{task}]" for task in CLIENT_TASKS[client]}
+    stores = final_state(two_rounds)["client_store"]
+    assert set(stores) == visited
+    for client, store in stores.items():
+        assert set(store["heads"]) == {f"head[{task}]" for task in CLIENT_TASKS[client]}
+    assert final_state(two_rounds)["algorithm"] == {}
     # No client uploads a head: the server's heads are the same after every round.
     servers = [load_file(two_rounds / "checkpoints" / name / "server.safetensors") for name in CHECKPOINTS]
     for key in (k for k in servers[0] if k.startswith("head[")):
@@ -216,5 +329,6 @@ def test_more_rounds_after_a_finished_run_equal_an_uninterrupted_run(
     run(resumed, assets, "--federation.rounds", "3", "--ckpt_path", "last")
     straight = run(tmp_path / "straight", assets, rounds=3)
     assert final_state(resumed)["round"] == 3
-    assert same(final_state(resumed)["algorithm"], final_state(straight)["algorithm"])
+    for key in ("algorithm", "client_store"):
+        assert same(final_state(resumed)[key], final_state(straight)[key]), key
     assert results(resumed) == results(straight)

@@ -1,11 +1,11 @@
-"""Tests for tapl.algorithms.local: each client continues its own model, nothing goes up, nothing is aggregated,
-only local models are reported, and a resumed run equals an uninterrupted one."""
+"""Tests for tapl.algorithms.local: each client continues its own model kept in its store, nothing goes down or
+up, nothing is aggregated, only local models are reported, and a resumed run equals an uninterrupted one."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,55 +14,59 @@ from helpers import fit_tiny
 from helpers import read_records as records
 from helpers import read_results as results
 from safetensors.torch import load_file
+from scripted import ScriptedTraining, context, engine_context, federation, with_slices
 
-from tapl.algorithms import Local
+from tapl.algorithms import ClientContext, ClientUpdate, Failure, Local
 from tapl.components import ComponentState, clone, flatten, select
-from tapl.context import ClientContext, ClientUpdate, FitResult
-from tapl.datamodules.federated import ClientSpec
+from tapl.engine.client_store import ClientStateError, ClientStore
 from tapl.federation import FederatedOrchestrator
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 
 ENC, HEAD_A, HEAD_B = "encoder[text]", "head[a]", "head[b]"
 INITIAL: ComponentState = {c: {"w": torch.full((2,), float(i))} for i, c in enumerate([ENC, HEAD_A, HEAD_B])}
+#: Clients 0, 1 and 3 hold task a, client 5 task b.
+INFO = with_slices(
+    federation(INITIAL, clients={0: ["a"], 1: ["a"], 3: ["a"], 5: ["b"]}),
+    {0: [ENC, HEAD_A], 1: [ENC, HEAD_A], 3: [ENC, HEAD_A], 5: [ENC, HEAD_B]},
+)
+#: A global model unlike the initial one: Local must never train or report it.
+GLOBAL: ComponentState = {c: {"w": torch.full((2,), -100.0)} for c in INITIAL}
 
 
 # -- scripted visits ------------------------------------------------------------------------------------------------
 
 
-class ScriptedVisit:
-    """A visit whose fit returns its input plus ``10 * round + client`` (so every tensor tells who trained it), or
-    ``fit_value`` everywhere when given."""
-
-    def __init__(self, client: int, round: int, components: list[str], fit_value: float | None = None) -> None:
-        self.client = ClientSpec(client, ("a",))
-        self.round = round
-        # A global slice unlike the initial model: Local must never train it.
-        self.global_state = {c: {"w": torch.full((2,), -100.0)} for c in components}
-        self.components = sorted(components)
-        self.num_train_samples = 5
-        self.fit_value = fit_value
-        self.fitted: list[ComponentState] = []
-
-    def fit(self, state: ComponentState, **kwargs: Any) -> FitResult:
-        self.fitted.append(clone(state))
-        offset = 10.0 * self.round + self.client.id
-        trained = {
-            c: {k: t + offset if self.fit_value is None else torch.full_like(t, self.fit_value) for k, t in p.items()}
-            for c, p in state.items()
-        }
-        return FitResult(trained, {"a": 0.5}, steps=1)
-
-
 def make_local() -> Local:
     local = Local()
-    local.setup(SimpleNamespace(global_state=INITIAL))  # type: ignore[arg-type]
+    local.setup(INFO)
     return local
 
 
-def visit(local: Local, client: int, round: int, **kwargs: Any) -> tuple[ScriptedVisit, ClientUpdate]:
-    ctx = ScriptedVisit(client, round, [ENC, HEAD_A], **kwargs)
-    return ctx, local.client_update(ctx)  # type: ignore[arg-type]
+def visit(
+    local: Local, clients: ClientStore, client: int, round: int, fit_value: float | None = None
+) -> tuple[ScriptedTraining, ClientContext, ClientUpdate]:
+    """A visit as the engine runs it, whose fit returns its input plus ``10 * round + client`` (so every tensor tells
+    who trained it), or ``fit_value`` everywhere when given; the client's store is kept if the visit succeeds."""
+    training = ScriptedTraining(
+        shift=lambda n, call: 10.0 * call["round"] + call["client"] if fit_value is None else fit_value,
+        losses=lambda n, call: {"a": 0.5},
+    )
+    [instruction] = local.configure_round(round, [client], GLOBAL)
+    ctx = context(INFO, training, client, round, received=instruction.state, store=clients.checkout(client))
+    update = local.client_update(ctx)
+    clients.commit(client, ctx.store)
+    return training, ctx, update
+
+
+def personalized(local: Local, clients: ClientStore, client: int) -> ComponentState | None:
+    """The model the engine evaluates for ``client``: the client's slice of the global model is received."""
+    [model] = local.models()
+    received = INFO.slice_of(GLOBAL, client)
+    ctx = context(
+        INFO, ScriptedTraining(), client, received=received, store=clients.checkout(client), stage="evaluation"
+    )
+    return model.state(ctx)
 
 
 def same(a: ComponentState, b: ComponentState) -> bool:
@@ -75,61 +79,75 @@ def plus(state: ComponentState, value: float) -> ComponentState:
     return {c: {k: t + value for k, t in p.items()} for c, p in state.items()}
 
 
+def test_a_round_sends_nothing_down() -> None:
+    instructions = make_local().configure_round(4, [3, 0], GLOBAL)
+    assert [(i.client, i.state, i.config) for i in instructions] == [(3, {}, {}), (0, {}, {})]
+
+
 def test_a_first_visit_trains_the_clients_slice_of_the_initial_model_and_uploads_nothing() -> None:
-    local = make_local()
-    ctx, update = visit(local, client=0, round=1)
-    assert len(ctx.fitted) == 1
-    assert same(ctx.fitted[0], select(INITIAL, [ENC, HEAD_A]))
+    local, clients = make_local(), ClientStore()
+    training, _, update = visit(local, clients, client=0, round=1)
+    assert len(training.fits) == 1
+    assert same(training.fits[0]["state"], select(INITIAL, [ENC, HEAD_A]))
     assert update.state == {}
-    assert (update.client, update.num_samples, update.metrics) == (0, 5, {"train_loss/a": 0.5})
-    assert same(local.personalized_state(0, ctx.global_state), plus(select(INITIAL, [ENC, HEAD_A]), 10.0))
+    assert (update.client, update.num_samples, update.metrics) == (0, 10, {"train_loss/a": 0.5})
+    assert same(clients.checkout(0)["model"], plus(select(INITIAL, [ENC, HEAD_A]), 10.0))
+    assert same(personalized(local, clients, 0), plus(select(INITIAL, [ENC, HEAD_A]), 10.0))
 
 
 def test_each_visit_continues_the_clients_own_model_and_no_one_elses() -> None:
-    local = make_local()
+    local, clients = make_local(), ClientStore()
     slice_ = select(INITIAL, [ENC, HEAD_A])
-    visit(local, client=0, round=1)
-    visit(local, client=1, round=2)
-    ctx0, _ = visit(local, client=0, round=3)
-    ctx1, _ = visit(local, client=1, round=4)
-    assert same(ctx0.fitted[0], plus(slice_, 10.0))  # client 0's round-1 model, not client 1's round-2 one
-    assert same(ctx1.fitted[0], plus(slice_, 21.0))
-    assert same(local.personalized_state(0, slice_), plus(slice_, 10.0 + 30.0))
-    assert same(local.personalized_state(1, slice_), plus(slice_, 21.0 + 41.0))
+    visit(local, clients, client=0, round=1)
+    visit(local, clients, client=1, round=2)
+    training0, _, _ = visit(local, clients, client=0, round=3)
+    training1, _, _ = visit(local, clients, client=1, round=4)
+    assert same(training0.fits[0]["state"], plus(slice_, 10.0))  # client 0's round-1 model, not client 1's
+    assert same(training1.fits[0]["state"], plus(slice_, 21.0))
+    assert same(personalized(local, clients, 0), plus(slice_, 10.0 + 30.0))
+    assert same(personalized(local, clients, 1), plus(slice_, 21.0 + 41.0))
 
 
 def test_a_never_visited_client_is_evaluated_with_its_initial_slice() -> None:
-    local = make_local()
-    visit(local, client=0, round=1)
-    received = {c: {"w": torch.full((2,), -100.0)} for c in [ENC, HEAD_B]}
-    assert same(local.personalized_state(5, received), select(INITIAL, [ENC, HEAD_B]))
+    local, clients = make_local(), ClientStore()
+    visit(local, clients, client=0, round=1)
+    assert same(personalized(local, clients, 5), select(INITIAL, [ENC, HEAD_B]))
 
 
 def test_aggregation_returns_the_global_state_unchanged() -> None:
     local = make_local()
     global_state = clone(INITIAL)
-    _, update = visit(local, client=0, round=1)
-    assert local.aggregate(1, global_state, [update]) is global_state
+    _, _, update = visit(local, ClientStore(), client=0, round=1)
+    assert local.aggregate(1, global_state, [update], [Failure(3, "RuntimeError: boom")]) is global_state
     assert same(global_state, INITIAL)
 
 
 def test_a_visit_that_trains_to_nan_fails_and_keeps_the_clients_model() -> None:
-    local = make_local()
-    visit(local, client=0, round=1)
-    with pytest.raises(FloatingPointError, match="non-finite values"):
-        visit(local, client=0, round=2, fit_value=float("nan"))
-    slice_ = select(INITIAL, [ENC, HEAD_A])
-    assert same(local.personalized_state(0, slice_), plus(slice_, 10.0))
+    local, clients = make_local(), ClientStore()
+    visit(local, clients, client=0, round=1)
+    with pytest.raises(ClientStateError, match=r"non-finite.* model/encoder\[text\]/w"):
+        visit(local, clients, client=0, round=2, fit_value=float("nan"))
+    assert same(personalized(local, clients, 0), plus(select(INITIAL, [ENC, HEAD_A]), 10.0))
 
 
-def test_state_dict_restores_every_local_model() -> None:
-    local = make_local()
-    visit(local, client=0, round=1)
-    visit(local, client=3, round=1)
-    restored = make_local()
-    restored.load_state_dict(local.state_dict())
-    for client in (0, 3, 4):
-        assert same(restored.personalized_state(client, INITIAL), local.personalized_state(client, INITIAL))
+def test_the_stores_round_trip_a_checkpoint_and_the_server_keeps_nothing() -> None:
+    local, clients = make_local(), ClientStore()
+    visit(local, clients, client=0, round=1)
+    visit(local, clients, client=3, round=1)
+    assert local.state_dict() == {}
+    saved = io.BytesIO()
+    torch.save(clients.state_dict(), saved)
+    saved.seek(0)
+    restored = ClientStore()
+    restored.load_state_dict(torch.load(saved, weights_only=True))
+    for client in (0, 3, 5):
+        assert same(personalized(local, restored, client), personalized(local, clients, client))
+
+
+def test_local_reports_only_the_local_models() -> None:
+    [model] = Local().models()
+    assert (model.key, model.label) == ("personalized", "Local")
+    assert "initial" in model.description
 
 
 # -- through the CLI --------------------------------------------------------------------------------------------
@@ -142,8 +160,13 @@ def run(run_dir: Path, assets: dict[str, Path], rounds: int, *args: str) -> Path
     return fit_tiny(run_dir, assets, "--algorithm", "Local", *args, rounds=rounds, finetune_steps=2)
 
 
-def algorithm_state(run_dir: Path, checkpoint: str) -> dict[str, Any]:
-    return torch.load(run_dir / "checkpoints" / checkpoint / "state.pt", weights_only=True)["algorithm"]
+def checkpoint_state(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    return torch.load(run_dir / "checkpoints" / checkpoint / "state.pt", weights_only=True)
+
+
+def local_models(run_dir: Path, checkpoint: str) -> dict[str, ComponentState]:
+    """Each client's local model in the checkpoint's client stores."""
+    return {client: store["model"] for client, store in checkpoint_state(run_dir, checkpoint)["client_store"].items()}
 
 
 def server_state(run_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
@@ -212,13 +235,13 @@ def test_a_local_model_after_two_visits_continues_its_own_training(local_run: Lo
     engine = local_run.orchestrator
 
     def initial(client: int) -> ComponentState:
-        return clone(select(local_run.initial, engine.slices[client]))
+        return engine.info.slice_of(local_run.initial, client)
 
     def fit(client: int, round: int, state: ComponentState) -> ComponentState:
         """The client's fit of ``round`` (the engine's visit seeds), started from ``state``."""
-        return ClientContext(engine, engine.client(client), round, initial(client)).fit(state).state
+        return engine_context(engine, client, round, received={}, store={}).fit(state).state
 
-    saved = algorithm_state(local_run.run_dir, f"round-{ROUNDS:06d}")["local"]
+    saved = local_models(local_run.run_dir, f"round-{ROUNDS:06d}")
     assert set(saved) == {"0", "1", "2", "3"}
     # Client 3 trained in rounds 1 and 3; client 2, with the same slice, in round 2 only.
     expected = fit(3, 3, fit(3, 1, initial(3)))
@@ -234,17 +257,18 @@ def test_resume_from_two_rounds_to_three_equals_the_uninterrupted_run(
 ) -> None:
     uninterrupted_dir = local_run.run_dir
     run_dir = run(tmp_path / "run", assets, 2)
-    assert set(algorithm_state(run_dir, "final")["local"]) == {"0", "1", "2", "3"}
+    assert set(local_models(run_dir, "final")) == {"0", "1", "2", "3"}
     run(run_dir, assets, ROUNDS, "--ckpt_path", "last")
 
     for checkpoint in (f"round-{ROUNDS:06d}", "final"):
         assert same_flat(server_state(run_dir, checkpoint), server_state(uninterrupted_dir, checkpoint))
-        resumed = algorithm_state(run_dir, checkpoint)
-        uninterrupted = algorithm_state(uninterrupted_dir, checkpoint)
-        assert resumed.keys() == uninterrupted.keys() == {"local"}
-        assert resumed["local"].keys() == uninterrupted["local"].keys()
-        for client, state in uninterrupted["local"].items():
-            assert same(resumed["local"][client], state), (checkpoint, client)
+        assert checkpoint_state(run_dir, checkpoint)["algorithm"] == {}
+        resumed = checkpoint_state(run_dir, checkpoint)["client_store"]
+        uninterrupted = checkpoint_state(uninterrupted_dir, checkpoint)["client_store"]
+        assert resumed.keys() == uninterrupted.keys()
+        for client, store in uninterrupted.items():
+            assert resumed[client].keys() == store.keys() == {"model"}
+            assert same(resumed[client]["model"], store["model"]), (checkpoint, client)
     assert records(run_dir) == records(uninterrupted_dir)
     assert records(run_dir, "post_federation.jsonl") == records(uninterrupted_dir, "post_federation.jsonl")
     assert results(run_dir) == results(uninterrupted_dir)

@@ -1,5 +1,6 @@
-"""Tests for Per-FedAvg: its meta-steps against closed-form gradients and Hessians, the Lightning module that runs
-them, the adapted personalized model, and whole runs through the CLI (both variants, resume)."""
+"""Tests for Per-FedAvg and tapl.meta_learning: the meta-steps against closed-form gradients and Hessians, the
+MetaLearning objective that runs them in a fit, a visit's and the adapted model's fits (with the optimizer each asks
+for), the adapted personalized model by hand, and whole runs through the CLI (both variants, resume)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,26 +19,24 @@ import yaml
 from helpers import BatchCounter, make_text_image_model, tiny_config, write_tiny_config
 from helpers import read_records as records
 from helpers import read_results as results
+from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import load_file
+from scripted import ScriptedTraining, context, federation
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from tapl.algorithms import PerFedAvg
-from tapl.algorithms.perfedavg import (
-    NO_CLIPPING,
-    AdaptationLosses,
-    PerFedAvgModule,
-    SGDModule,
-    gradient,
-    hessian_vector_product,
-    meta_gradient,
-)
+from tapl.algorithms.perfedavg import NO_CLIPPING, OUTER_OPTIMIZERS
+from tapl.api import FederationInfo
 from tapl.cli import TaplCLI, main
 from tapl.client import ClientModule
 from tapl.components import ComponentState, clone, select
+from tapl.context import ClientContext
 from tapl.datamodules.collate import MultiTaskCollator, TaskBatch
 from tapl.federation import FederatedOrchestrator
+from tapl.meta_learning import BATCHES_PER_STEP, MetaLearning, gradient, hessian_vector_product, meta_gradient
 from tapl.models import FoundationModel
+from tapl.objective import Objective
 from tapl.tasks import Task
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
@@ -167,7 +165,7 @@ def test_gradients_are_zero_where_the_loss_does_not_reach_and_linear_losses_have
     ]
 
 
-# -- the module through a real Lightning Trainer ---------------------------------------------------------------
+# -- the MetaLearning objective through a real Lightning Trainer ------------------------------------------------
 
 TASKS = [
     Task(name="sentiment", type="classification", modalities=("text",), num_classes=3, head_hidden=16, head_dropout=0),
@@ -219,7 +217,7 @@ def make_batches(model: FoundationModel) -> list[TaskBatch]:
 
 
 @pytest.mark.parametrize(("hessian_free", "steps"), [(False, 3), (True, 2)])
-def test_module_runs_local_steps_meta_steps_on_consecutive_batches(
+def test_a_meta_learning_fit_runs_its_steps_as_meta_steps_on_consecutive_batches(
     model: FoundationModel, hessian_free: bool, steps: int
 ) -> None:
     alpha, beta = 0.2, 0.1
@@ -252,12 +250,13 @@ def test_module_runs_local_steps_meta_steps_on_consecutive_batches(
         after.append(float(result.outer_loss))
     expected = model.get_state()
 
-    # Through Lightning: a visit's Trainer with max_steps = steps.
+    # Through Lightning: a visit's Trainer with max_steps = steps, the outer step plain SGD at beta.
     model.load_state(start)
-    losses = AdaptationLosses()
-    module = PerFedAvgModule(
-        model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, hessian_free=hessian_free, losses=losses
-    )
+    meta = MetaLearning(alpha, hessian_free=hessian_free)
+    assert meta.batches_per_step == per_step
+    assert np.isnan(meta.loss_before) and np.isnan(meta.loss_after), "no meta-step yet"
+    module = ClientModule(model, TASKS, components, torch.optim.SGD, beta, objective=meta)
+    assert not module.automatic_optimization
     counter = BatchCounter()
     trainer = VisitTrainers({"accelerator": "cpu", "devices": 1}).fit_trainer(steps, [counter])
     with quiet_lightning():
@@ -270,18 +269,9 @@ def test_module_runs_local_steps_meta_steps_on_consecutive_batches(
         for k in expected[c]:
             torch.testing.assert_close(trained[c][k], expected[c][k], msg=f"{c} {k}")
     assert any(not torch.equal(trained[c][k], start[c][k]) for c in components for k in start[c])
-    assert losses.before == pytest.approx(np.mean(before), rel=1e-5)
-    assert losses.after == pytest.approx(np.mean(after), rel=1e-5)
+    assert meta.loss_before == pytest.approx(np.mean(before), rel=1e-5)
+    assert meta.loss_after == pytest.approx(np.mean(after), rel=1e-5)
     assert module.train_loss() == pytest.approx(recorded.train_loss(), rel=1e-5)
-
-
-def test_sgd_module_needs_a_fixed_learning_rate(model: FoundationModel) -> None:
-    module = SGDModule(model, TASKS, model.component_names(), torch.optim.AdamW, lambda peak: peak)
-    with pytest.raises(TypeError, match="fixed learning rate"):
-        module.configure_optimizers()
-    module = SGDModule(model, TASKS, model.component_names(), torch.optim.AdamW, 0.5)
-    optimizer = module.configure_optimizers()
-    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
 
 
 # -- the algorithm -----------------------------------------------------------------------------------------------
@@ -291,15 +281,38 @@ def test_names_and_validation() -> None:
     first, hessian_free = PerFedAvg(), PerFedAvg(variant="hessian_free", adapt_steps=2)
     assert (first.alpha, first.beta, first.adapt_steps, first.outer_optimizer) == (0.01, 0.001, 1, "adam")
     assert first.label == "Per-FedAvg (FO)" and hessian_free.label == "Per-FedAvg (HF)"
-    assert first.global_label != first.personalized_label
-    assert "2 SGD steps" in hessian_free.personalized_description
+    assert [(m.key, m.label) for m in first.models()] == [
+        ("global", "Per-FedAvg (FO) meta-model"),
+        ("personalized", "Per-FedAvg (FO) adapted"),
+    ]
+    assert [m.label for m in hessian_free.models()] == ["Per-FedAvg (HF) meta-model", "Per-FedAvg (HF) adapted"]
+    assert "1 SGD step at lr alpha=0.01" in first.models()[1].description
+    assert "2 SGD steps" in hessian_free.models()[1].description
     for bad in ({"alpha": 0.0}, {"beta": -1.0}, {"variant": "second_order"}, {"adapt_steps": 0}):
         with pytest.raises(ValueError, match=r"algorithm\."):
             PerFedAvg(**bad)
 
 
-def fake_federation(**trainer: Any) -> Any:
-    return SimpleNamespace(trainers=SimpleNamespace(kwargs=trainer), config=SimpleNamespace(warmup_rounds=0))
+STATE = {"encoder": {"w": torch.zeros(2)}, "head": {"w": torch.zeros(1)}}
+
+
+def equal(a: ComponentState, b: ComponentState) -> bool:
+    """Whether two states hold the same tensors."""
+    return (
+        a.keys() == b.keys()
+        and all(a[c].keys() == b[c].keys() for c in a)
+        and all(torch.equal(a[c][k], b[c][k]) for c in a for k in a[c])
+    )
+
+
+def shifted(state: ComponentState, offset: float) -> ComponentState:
+    return {c: {k: t + offset for k, t in p.items()} for c, p in state.items()}
+
+
+def described(warmup_rounds: int = 0, **trainer: Any) -> FederationInfo:
+    """A federation whose local fits run with the ``--trainer`` settings ``trainer``."""
+    precision = str(trainer.get("precision", "32-true"))
+    return federation(STATE, trainer=trainer, precision=precision, warmup_rounds=warmup_rounds)
 
 
 @pytest.mark.parametrize(
@@ -311,12 +324,13 @@ def fake_federation(**trainer: Any) -> Any:
 )
 def test_settings_lightning_cannot_apply_to_a_meta_step_fail_fast(setting: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=named):
-        PerFedAvg().setup(fake_federation(**setting))
+        PerFedAvg().setup(described(**setting))
 
 
-def test_supported_settings_pass() -> None:
+def test_supported_settings_pass_without_a_warning(recwarn: pytest.WarningsRecorder) -> None:
     settings = {"gradient_clip_val": None, "accumulate_grad_batches": 1, "precision": "bf16-mixed"}
-    PerFedAvg().setup(fake_federation(**settings))
+    PerFedAvg().setup(described(**settings))
+    assert [str(w.message) for w in recwarn] == []
 
 
 def write_config(assets: dict[str, Path], run_dir: Path, **federation: Any) -> Path:
@@ -363,7 +377,8 @@ def test_a_meta_step_clips_its_meta_gradient_norm_with_its_own_setting_not_the_t
     expected = [p - beta * g for p, g in zip(params, gradients, strict=True)]
 
     model.load_state(start)
-    module = PerFedAvgModule(model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, gradient_clip=clip)
+    objective = MetaLearning(alpha, gradient_clip=clip)
+    module = ClientModule(model, TASKS, components, torch.optim.SGD, beta, objective=objective)
     # The trainer's own clip (which would clip the meta-gradient to 5.0 by value) is lifted for the fit.
     trainers = VisitTrainers({"accelerator": "cpu", "devices": 1, "gradient_clip_val": 5.0})
     trainer = trainers.fit_trainer(1, overrides=NO_CLIPPING)
@@ -382,7 +397,7 @@ def test_an_adam_outer_step_is_one_adam_step_of_the_meta_gradient(model: Foundat
     expected = [p - beta * g / (g.abs() + 1e-8) for p, g in zip(params, meta, strict=True)]
 
     model.load_state(start)
-    module = PerFedAvgModule(model, TASKS, components, torch.optim.AdamW, beta, alpha=alpha, outer_optimizer="adam")
+    module = ClientModule(model, TASKS, components, OUTER_OPTIMIZERS["adam"], beta, objective=MetaLearning(alpha))
     trainer = VisitTrainers({"accelerator": "cpu", "devices": 1}).fit_trainer(1)
     with quiet_lightning():
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
@@ -393,10 +408,88 @@ def test_an_adam_outer_step_is_one_adam_step_of_the_meta_gradient(model: Foundat
 
 def test_the_trainer_clip_only_warns_and_the_algorithm_clip_is_validated() -> None:
     with pytest.warns(UserWarning, match="--algorithm.gradient_clip"):
-        PerFedAvg().setup(fake_federation(gradient_clip_val=1.0))
+        PerFedAvg().setup(described(gradient_clip_val=1.0))
     for bad in ({"gradient_clip": 0.0}, {"outer_optimizer": "rmsprop"}):
         with pytest.raises(ValueError, match=r"algorithm\."):
             PerFedAvg(**bad)
+
+
+def test_a_learning_rate_warm_up_only_warns(recwarn: pytest.WarningsRecorder) -> None:
+    PerFedAvg().setup(described())
+    assert not [w for w in recwarn if "warmup_rounds" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"ignores federation\.warmup_rounds.*alpha=0\.01 and beta=0\.001"):
+        PerFedAvg().setup(described(warmup_rounds=2))
+
+
+# -- a visit and the adapted model: the fits they ask for -------------------------------------------------------
+
+
+def finish_meta_fit(n: int, call: dict[str, Any]) -> dict[str, float]:
+    """The training losses of a scripted fit, and the adaptation losses its MetaLearning holds at its end."""
+    objective = call["objective"]
+    objective.loss_before, objective.loss_after = 0.75, 0.5
+    return {"a": 0.7, "b": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("variant", "outer_optimizer", "optimizer"),
+    [("first_order", "adam", torch.optim.Adam), ("hessian_free", "sgd", torch.optim.SGD)],
+)
+def test_a_visit_meta_trains_the_received_slice_with_the_outer_optimizer_at_beta(
+    variant: str, outer_optimizer: str, optimizer: type
+) -> None:
+    info = described()
+    training = ScriptedTraining(losses=finish_meta_fit)
+    algorithm = PerFedAvg(alpha=0.02, beta=0.003, variant=variant, outer_optimizer=outer_optimizer, gradient_clip=2.0)
+    algorithm.setup(info)
+    received = {"encoder": {"w": torch.tensor([1.0, 2.0])}, "head": {"w": torch.tensor([3.0])}}
+    update = algorithm.client_update(context(info, training, client=1, round=3, received=clone(received)))
+
+    [fit] = training.fits
+    assert fit["client"] == 1 and equal(fit["state"], received)
+    assert (fit["steps"], fit["lr"], fit["optimizer"], fit["trainer_overrides"]) == (
+        None,
+        0.003,
+        optimizer,
+        NO_CLIPPING,
+    )
+    assert fit["trainable"] is None, "the whole slice is meta-trained"
+    meta = fit["objective"]
+    assert isinstance(meta, MetaLearning)
+    assert (meta.alpha, meta.hessian_free, meta.gradient_clip) == (0.02, variant == "hessian_free", 2.0)
+    assert meta.batches_per_step == BATCHES_PER_STEP[variant]
+
+    assert (update.client, update.num_samples, update.events) == (1, 10, [])
+    assert equal(update.state, shifted(received, 100))
+    assert update.metrics == {
+        "train_loss/a": 0.7,
+        "train_loss/b": 0.9,
+        "loss_before_adaptation": 0.75,
+        "loss_after_adaptation": 0.5,
+    }
+
+
+def test_the_personalized_model_asks_for_adapt_steps_sgd_steps_at_alpha_from_the_received_slice() -> None:
+    info = described()
+    training = ScriptedTraining()
+    algorithm = PerFedAvg(alpha=0.02, adapt_steps=3)
+    algorithm.setup(info)
+    received = {"encoder": {"w": torch.tensor([1.0, 2.0])}, "head": {"w": torch.tensor([3.0])}}
+    ctx = context(info, training, client=0, received=clone(received), stage="evaluation")
+    [meta_model, adapted] = algorithm.models()
+    assert meta_model.state(ctx) is ctx.received, "the global row is the meta-model before adaptation"
+    state = adapted.state(ctx)
+
+    [fit] = training.fits
+    assert equal(fit["state"], received) and fit["objective"] is None, "plain task-loss steps from the received slice"
+    assert (fit["steps"], fit["lr"], fit["optimizer"], fit["trainer_overrides"]) == (
+        3,
+        0.02,
+        torch.optim.SGD,
+        NO_CLIPPING,
+    )
+    assert state is not None and equal(state, shifted(received, 100))
+    assert equal(ctx.received, received), "the received slice stays as it came"
 
 
 @pytest.fixture
@@ -408,33 +501,49 @@ def orchestrator(assets: dict[str, Path], tmp_path: Path) -> FederatedOrchestrat
     orchestrator = TaplCLI(args=args, run=False).orchestrator
     assert orchestrator is not None
     without_dropout(orchestrator.model)
-    orchestrator.data.setup()
-    orchestrator.algorithm.setup(orchestrator)
+    with pytest.warns(UserWarning, match="does not clip its meta-steps or adaptation steps"):
+        orchestrator.setup(check_values=False)
     return orchestrator
+
+
+def evaluation_context(orchestrator: FederatedOrchestrator, client: int) -> ClientContext:
+    """``client``'s evaluation context over the orchestrator's local training, as the engine builds one: the
+    client's slice of the current global model received."""
+    info = orchestrator.info
+    received = info.slice_of(orchestrator.global_state, client)
+    return ClientContext(orchestrator.training, info, info.clients[client], 1, received, stage="evaluation")
 
 
 def test_personalized_model_is_the_global_slice_after_adapt_steps_sgd_steps_at_alpha(
     orchestrator: FederatedOrchestrator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[TaskBatch] = []
+    optimizers: list[tuple[type, list[float]]] = []
+    plain_step = Objective.training_step
 
-    def recording(self: SGDModule, batch: TaskBatch, batch_idx: int) -> Tensor:
+    def recording(self: Objective, module: ClientModule, batch: TaskBatch, batch_idx: int) -> Tensor | None:
         seen.append(batch)
-        return ClientModule.training_step(self, batch, batch_idx)
+        optimizer = module.optimizers().optimizer
+        optimizers.append((type(optimizer), [group["lr"] for group in optimizer.param_groups]))
+        return plain_step(self, module, batch, batch_idx)
 
-    monkeypatch.setattr(SGDModule, "training_step", recording)
-    client = orchestrator.client(2)
-    components = orchestrator.slices[2]
-    global_slice = clone(select(orchestrator.global_state, components))
-    personalized = orchestrator.algorithm.personalized_state(2, clone(global_slice))
+    monkeypatch.setattr(Objective, "training_step", recording)
+    ctx = evaluation_context(orchestrator, 2)
+    global_slice = clone(ctx.received)
+    [_, adapted] = orchestrator.algorithm.models()
+    personalized = adapted.state(ctx)
+    monkeypatch.undo()
     assert personalized is not None and len(seen) == 2
     assert {task for batch in seen for task in batch} == {"sentiment", "shapes"}
+    # Plain SGD at alpha, whatever --optimizer (AdamW) says.
+    assert optimizers == [(torch.optim.SGD, [0.5])] * 2
 
     # By hand: two plain gradient steps of lr 0.5 from the global slice on the batches the adaptation saw.
+    components = ctx.components
     model = orchestrator.model
     model.load_state(global_slice)
     model.set_trainable(components)
-    reference = ClientModule(model, [orchestrator.data.tasks[t] for t in client.tasks], components, torch.optim.SGD)
+    reference = ClientModule(model, list(ctx.tasks.values()), components, torch.optim.SGD)
     params = model.parameters_of(components)
     for batch in seen:
         grads = torch.autograd.grad(reference.training_step(batch, 0), params, allow_unused=True)
@@ -450,12 +559,52 @@ def test_personalized_model_is_the_global_slice_after_adapt_steps_sgd_steps_at_a
             changed |= not torch.equal(personalized[c][k], global_slice[c][k])
     assert changed
 
-    # Adapting again gives the same model (what results report), and the global model is untouched.
-    again = orchestrator.algorithm.personalized_state(2, clone(global_slice))
-    assert again is not None
-    assert all(torch.equal(again[c][k], personalized[c][k]) for c in components for k in personalized[c])
-    current = select(orchestrator.global_state, components)
-    assert all(torch.equal(current[c][k], global_slice[c][k]) for c in components for k in global_slice[c])
+    # A fresh evaluation context adapts to the same model (what results report), and the global model and the
+    # received slice are untouched.
+    again = adapted.state(evaluation_context(orchestrator, 2))
+    assert again is not None and equal(again, personalized)
+    assert equal(ctx.received, global_slice)
+    assert equal(select(orchestrator.global_state, components), global_slice)
+
+
+class OptimizerSpy(Callback):
+    """Keeps the class, learning rates and weight decays of a fit's optimizer."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[type, float, float]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                self.seen.append((type(optimizer), group["lr"], group["weight_decay"]))
+
+
+def test_a_fit_trains_with_the_optimizer_it_asks_for_and_otherwise_with_the_configured_one(
+    orchestrator: FederatedOrchestrator,
+) -> None:
+    ctx = evaluation_context(orchestrator, 0)
+    asked: list[dict[str, Any]] = [
+        {},
+        {"optimizer": torch.optim.SGD, "lr": 0.5},
+        {"optimizer": torch.optim.Adam},
+        {"lr": 0.01},
+        {},
+    ]
+    seen = []
+    for kwargs in asked:
+        spy = OptimizerSpy()
+        ctx.fit(ctx.received, steps=1, callbacks=[spy], **kwargs)
+        assert len({entry for entry in spy.seen}) == 1, "one optimizer, one setting for every group"
+        seen.append(spy.seen[0])
+    # --optimizer is the demo's AdamW (lr 3e-4, weight decay 0.01); a fit's own optimizer keeps none of its
+    # arguments, and lr replaces the learning rate of either.
+    assert seen == [
+        (torch.optim.AdamW, 3e-4, 0.01),
+        (torch.optim.SGD, 0.5, 0.0),
+        (torch.optim.Adam, 1e-3, 0.0),
+        (torch.optim.AdamW, 0.01, 0.01),
+        (torch.optim.AdamW, 3e-4, 0.01),
+    ]
 
 
 # -- whole runs through the CLI ----------------------------------------------------------------------------------
@@ -541,11 +690,12 @@ RANK_ECHO = textwrap.dedent(
             super().__init__(alpha=0.1, beta=0.05, variant=variant)
             self.out = Path(out)
 
-        def on_round_end(self, round, global_state):
+        def aggregate(self, round, global_state, results, failures):
+            new_state = super().aggregate(round, global_state, results, failures)
             rank = dist.get_rank() if dist.is_initialized() else 0
-            checksum = sum(float(t.double().sum()) for p in global_state.values() for t in p.values())
+            checksum = sum(float(t.double().sum()) for p in new_state.values() for t in p.values())
             (self.out / f"rank{rank}_round{round}.json").write_text(json.dumps(checksum))
-            return {}
+            return new_state
     """
 )
 

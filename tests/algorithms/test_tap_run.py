@@ -28,8 +28,18 @@ def run(run_dir: Path, assets: dict[str, Path], *args: str, **federation: Any) -
     return fit_tiny(run_dir, assets, *args, **{**SETTINGS, **federation})
 
 
+def checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / "state.pt", weights_only=True)
+
+
 def algorithm_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / "state.pt", weights_only=True)["algorithm"]
+    """The server side's state of the algorithm in a checkpoint."""
+    return checkpoint_state(checkpoint)["algorithm"]
+
+
+def client_stores(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Every client's store in a checkpoint (TAP's personal model, hP and undistilled model), by client id."""
+    return checkpoint_state(checkpoint)["client_store"]
 
 
 def same_tensors(a: Any, b: Any) -> bool:
@@ -48,9 +58,8 @@ def assert_same_run(expected: Path, actual: Path) -> None:
         want = load_file(expected / "checkpoints" / name / "server.safetensors")
         got = load_file(actual / "checkpoints" / name / "server.safetensors")
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
-        assert same_tensors(
-            algorithm_state(expected / "checkpoints" / name), algorithm_state(actual / "checkpoints" / name)
-        )
+        for state in (algorithm_state, client_stores):
+            assert same_tensors(state(expected / "checkpoints" / name), state(actual / "checkpoints" / name)), name
     assert records(actual) == records(expected)
     assert records(actual, "post_federation.jsonl") == records(expected, "post_federation.jsonl")
     assert results(actual) == results(expected)
@@ -119,6 +128,16 @@ def test_every_replacement_is_logged_and_plotted(tap_run: Path) -> None:
     assert "algorithm/replacements/text,classification" in scalars
     counts = [r["algorithm"]["replacements/text,classification"] for r in records(tap_run)]
     assert counts == sorted(counts) and counts[-1] == sum(1 for _, e in logged if e["task"] == "sentiment")
+    # The server side keeps every replacement the clients reported, as logged.
+    kept = algorithm_state(tap_run / "checkpoints" / "final")["replacements"]
+    assert [(e["client"], e["round"], e["task"]) for e in kept] == [
+        (e["client"], round, e["task"]) for round, e in logged
+    ]
+    # Each visit logs, per task, whether it replaced and the personal model's loss.
+    for record in records(tap_run):
+        for client, metrics in record["train"].items():
+            for task in tasks[int(client)]:
+                assert metrics[f"replaced/{task}"] in (0.0, 1.0) and f"personal_loss/{task}" in metrics
 
 
 def test_stage_two_logs_teacher_and_student_metrics_per_client(tap_run: Path) -> None:
@@ -132,15 +151,28 @@ def test_stage_two_logs_teacher_and_student_metrics_per_client(tap_run: Path) ->
     assert post[2]["algorithm"]["distill_weights"] == {"sentiment": 1.0, "shapes": 2e-3}
 
 
+def test_the_engine_checkpoints_every_clients_personal_models(tap_run: Path) -> None:
+    stores = client_stores(tap_run / "checkpoints" / "final")
+    assert sorted(stores) == ["0", "1", "2", "3"]
+    slices = {"0": "sentiment", "1": "shapes"}
+    for client, store in stores.items():
+        assert {"personal", "undistilled"} <= set(store)
+        assert store["personal"].keys() == store["undistilled"].keys()
+        if client in slices:  # a client with one task holds that task's head only
+            assert {c for c in store["personal"] if c.startswith("head[")} == {f"head[{slices[client]}]"}
+    # The server side of TAP holds no client's model.
+    assert set(algorithm_state(tap_run / "checkpoints" / "final")) == {"replacements"}
+
+
 def test_without_distillation_weights_the_student_is_the_no_distillation_model(
     assets: dict[str, Path], tmp_path: Path, tap_run: Path
 ) -> None:
     run_dir = run(tmp_path / "run", assets, "--algorithm", "TAP", "--algorithm.distill_weights", '{"default": 0.0}')
-    state = algorithm_state(run_dir / "checkpoints" / "final")
-    assert same_tensors(state["personal"], state["undistilled"])
+    stores = client_stores(run_dir / "checkpoints" / "final")
+    assert all(same_tensors(store["personal"], store["undistilled"]) for store in stores.values())
     # With the default weights distillation changes the personal model (same data order, same steps).
-    state = algorithm_state(tap_run / "checkpoints" / "final")
-    assert not same_tensors(state["personal"], state["undistilled"])
+    stores = client_stores(tap_run / "checkpoints" / "final")
+    assert all(not same_tensors(store["personal"], store["undistilled"]) for store in stores.values())
 
 
 def test_never_replace_ablation_reports_under_its_own_name(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -171,22 +203,24 @@ def test_resume_mid_stage_one_equals_the_uninterrupted_run(
 def test_resume_mid_stage_two_equals_the_uninterrupted_run(
     assets: dict[str, Path], tmp_path: Path, tap_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = TAP.finalize_client
+    original = TAP.post_federation
 
     def killed_at_client_2(self: TAP, ctx: ClientContext) -> dict[str, Any]:
         if ctx.client.id == 2:
             raise KeyboardInterrupt("killed")
         return original(self, ctx)
 
-    monkeypatch.setattr(TAP, "finalize_client", killed_at_client_2)
+    monkeypatch.setattr(TAP, "post_federation", killed_at_client_2)
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run(run_dir, assets, "--algorithm", "TAP")
     assert [r["client"] for r in records(run_dir, "post_federation.jsonl")] == [0, 1]
-    partial = torch.load(run_dir / "checkpoints" / "final" / "state.pt", weights_only=True)
+    partial = checkpoint_state(run_dir / "checkpoints" / "final")
     assert partial["post_federation"]["done"] == [0, 1] and not partial["finalized"]
+    # The stage's work is kept client by client: only clients 0 and 1 hold their undistilled model yet.
+    assert sorted(c for c, store in partial["client_store"].items() if "undistilled" in store) == ["0", "1"]
 
-    monkeypatch.setattr(TAP, "finalize_client", original)
+    monkeypatch.setattr(TAP, "post_federation", original)
     run(run_dir, assets, "--algorithm", "TAP", "--ckpt_path", "last")
     assert_same_run(tap_run, run_dir)
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from tapl.algorithms import FedAvg
+from tapl.algorithms import ClientContext, ClientUpdate, FedAvg
 from tapl.cli import TaplCLI
 from tapl.components import ComponentMismatchError, ComponentState, clone, num_bytes
-from tapl.context import ClientContext, ClientUpdate
 from tapl.federation import FederatedOrchestrator
 from tapl.models import FoundationModel, LoraSettings, PatchImageEncoder, TextEncoder, resolve_pretrained
 from tapl.models.foundation import masked_mean
@@ -259,7 +258,7 @@ class _RecordingFedAvg(FedAvg):
         self.uploads: list[ClientUpdate] = []
 
     def client_update(self, ctx: ClientContext) -> ClientUpdate:
-        self.received[ctx.client.id] = clone(ctx.global_state)
+        self.received[ctx.client.id] = clone(ctx.received)
         update = super().client_update(ctx)
         self.uploads.append(update)
         return update
@@ -291,7 +290,7 @@ def test_frozen_backbone_is_shared_across_client_visits(
     for name, parameter in frozen.items():
         assert torch.equal(parameter.detach(), frozen_values[name]), f"frozen {name} changed"
     for update in algorithm.uploads:
-        slice_ = orchestrator.slices[update.client]
+        slice_ = list(orchestrator.info.clients[update.client].components)
         assert sorted(update.state) == slice_
         for component, tensors in update.state.items():
             assert set(tensors) == trainable_names[component], "only the component's trainable tensors travel"
