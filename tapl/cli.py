@@ -5,7 +5,8 @@ a checkpointed one; ``tapl compare ... --algorithms FedAvg,TAP --seeds 0,1`` run
 them. Every class is configurable from YAML or flags: ``--model`` (encoders), ``--data`` (tasks, clients,
 partitioner), ``--algorithm`` (a built-in short name or any class path),
 ``--federation`` (rounds, sampling, seed, evaluation), ``--optimizer``, ``--trainer`` (as in Lightning,
-applied to every client visit) and ``--run_dir``.
+applied to every client visit) and ``--run_dir``. Naming another class for an option drops the earlier class's
+init args (see :mod:`tapl.parser`).
 
 Failures the user can fix (a bad argument, configuration, data file, checkpoint or run directory, a failed
 write) end with one line ``tapl: error: ...``: exit status 2 for a bad argument, 1 otherwise. Ctrl-C stops
@@ -41,6 +42,7 @@ from tapl.datamodules.federated import FederatedDataModule
 from tapl.errors import Stopped, TaplError
 from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.models.foundation import FoundationModel
+from tapl.parser import TaplArgumentParser
 from tapl.run_dir import RunDirectory
 from tapl.run_lock import RunLock
 
@@ -59,6 +61,7 @@ class TaplCLI(LightningCLI):
     """LightningCLI for federations: ``fit`` runs (or resumes) one, ``test`` evaluates a checkpoint of one."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", TaplArgumentParser)
         kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault(
@@ -84,6 +87,13 @@ class TaplCLI(LightningCLI):
     @override
     def subcommands() -> dict[str, set[str]]:
         return {"fit": set(_SKIPPED_METHOD_ARGS), "test": set(_SKIPPED_METHOD_ARGS)}
+
+    @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        assert isinstance(parser, TaplArgumentParser), "TaplCLI needs a TaplArgumentParser"
+        parser.restart_switched_classes = True
+        return parser
 
     @override
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
