@@ -5,8 +5,9 @@ a checkpointed one; ``tapl compare ... --algorithms FedAvg,TAP --seeds 0,1`` run
 them. Every class is configurable from YAML or flags: ``--model`` (encoders), ``--data`` (tasks, clients,
 partitioner), ``--algorithm`` (a built-in short name or any class path),
 ``--federation`` (rounds, sampling, seed, evaluation), ``--optimizer``, ``--trainer`` (as in Lightning,
-applied to every client visit) and ``--run_dir``. Naming another class for an option drops the earlier class's
-init args (see :mod:`tapl.parser`).
+applied to every client visit), and where the run goes: ``--run_root`` (a new ``version_N`` under it per run) or
+``--run_dir`` (one exact directory); see :mod:`tapl.run_versions`. Naming another class for an option drops the
+earlier class's init args (see :mod:`tapl.parser`).
 
 Failures the user can fix (a bad argument, configuration, data file, checkpoint or run directory, a failed
 write) end with one line ``tapl: error: ...``: exit status 2 for a bad argument, 1 otherwise. Ctrl-C stops
@@ -26,6 +27,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import lazy_instance
@@ -43,8 +45,11 @@ from tapl.errors import Stopped, TaplError
 from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.models.foundation import FoundationModel
 from tapl.parser import TaplArgumentParser
-from tapl.run_dir import RunDirectory
+from tapl.run_dir import RunDirectory, RunDirError
 from tapl.run_lock import RunLock
+from tapl.run_versions import RunChoice, choose_run_dir, release_if_unused, share_with_other_ranks
+
+log = logging.getLogger(__name__)
 
 _SKIPPED_METHOD_ARGS = {
     "model",
@@ -55,10 +60,17 @@ _SKIPPED_METHOD_ARGS = {
     "verbose",
     "weights_only",
 }
+#: The root of versioned run directories when neither the config nor the command line names one.
+DEFAULT_RUN_ROOT = "runs/default"
 
 
 class TaplCLI(LightningCLI):
-    """LightningCLI for federations: ``fit`` runs (or resumes) one, ``test`` evaluates a checkpoint of one."""
+    """LightningCLI for federations: ``fit`` runs (or resumes) one, ``test`` evaluates a checkpoint of one.
+
+    Attributes:
+        orchestrator: The federation built for ``fit`` and ``test`` (and without a subcommand, ``run=False``).
+        run_choice: Its run directory and why that one.
+    """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", TaplArgumentParser)
@@ -81,7 +93,12 @@ class TaplCLI(LightningCLI):
             },
         )
         self.orchestrator: FederatedOrchestrator | None = None
-        super().__init__(args=args, run=run, **kwargs)
+        self.run_choice: RunChoice | None = None
+        try:
+            super().__init__(args=args, run=run, **kwargs)
+        finally:
+            if self.run_choice is not None and self.run_choice.created:
+                release_if_unused(self.run_choice.path)
 
     @staticmethod
     @override
@@ -114,10 +131,18 @@ class TaplCLI(LightningCLI):
             help="Optimizer of every local fit, e.g. --optimizer AdamW --optimizer.lr 3e-4.",
         )
         parser.add_argument(
-            "--run_dir",
+            "--run_root",
             type=str,
-            default="runs/default",
-            help="Run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints, results.",
+            default=DEFAULT_RUN_ROOT,
+            help="Where runs go: each new run in its own RUN_ROOT/version_N (N: one past the highest there); "
+            "--ckpt_path last resumes, and test tests, the newest.",
+        )
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="One exact run directory instead of a version under --run_root: config.yaml, metrics.jsonl, "
+            "TensorBoard events, checkpoints, results.",
         )
         parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.link_arguments("data", "model.tasks", compute_fn=_task_list, apply_on="instantiate")
@@ -136,8 +161,7 @@ class TaplCLI(LightningCLI):
     @override
     def instantiate_classes(self) -> None:
         raw = self.config[self.subcommand] if self.subcommand else self.config
-        if rank_zero_only.rank == 0:  # a run directory in use fails before the model is built
-            RunLock.check_free(raw["run_dir"])
+        self._choose_run_dir(raw)
         self.config_init = self.parser.instantiate(self.config)
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         self.orchestrator = FederatedOrchestrator(
@@ -151,11 +175,43 @@ class TaplCLI(LightningCLI):
             config_text=self._parser(self.subcommand).dump(raw, skip_unset=False),
         )
 
+    def _choose_run_dir(self, config: Any) -> None:
+        """Choose the run directory (a new version under ``run_root`` unless ``run_dir`` names one or a run resumes)
+        and write it into ``config``, then check it before the model is built."""
+        exact = config["run_dir"] is not None
+        self.run_choice = choose_run_dir(
+            config["run_dir"],
+            config["run_root"],
+            config.get("ckpt_path"),
+            self.subcommand or "fit",
+            rank=rank_zero_only.rank,
+            reserve=self.subcommand is not None,
+        )
+        # The run's config.yaml names its exact directory, so that `--config RUN/config.yaml` resumes that run.
+        config["run_dir"] = str(self.run_choice.path)
+        if rank_zero_only.rank != 0:
+            return
+        if not exact:
+            share_with_other_ranks(self.run_choice)
+        log.info("Run directory: %s (%s)", self.run_choice.path, self.run_choice.reason)
+        if self.subcommand == "fit" and config.get("ckpt_path") is None:
+            _check_no_run(self.run_choice.path, config["run_root"])
+        RunLock.check_free(self.run_choice.path)  # a run directory in use fails before the model is built
+
     @override
     def _run_subcommand(self, subcommand: str) -> None:
         assert self.orchestrator is not None
         ckpt_path = self.config_init[subcommand].get("ckpt_path")
         getattr(self.orchestrator, subcommand)(ckpt_path=ckpt_path)
+
+
+def _check_no_run(run_dir: Path, run_root: str) -> None:
+    """Refuse a new run in a directory that holds one (before the model is built)."""
+    if RunDirectory(run_dir).holds_run():
+        raise RunDirError(
+            f"{run_dir} already holds a run. Resume it with --ckpt_path last, or start a new one in another "
+            f"--run_dir, or with --run_dir null in a new version_N under --run_root {run_root}."
+        )
 
 
 def _task_list(data: FederatedDataModule) -> list:
