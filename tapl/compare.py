@@ -5,6 +5,10 @@ overrides, only ``--algorithm`` and ``--federation.seed`` differing. A finished 
 an unfinished one resumes, so re-running the command completes a comparison and reproduces its table.
 ``--jobs N`` runs N of them at once, each in its own process with its share of the CPU threads.
 
+``tapl compare`` is a subcommand of :class:`tapl.cli.TaplCLI`: its parser is ``fit``'s, with this module's own
+options added, so every ``fit`` option is checked before anything runs and ``tapl compare --help`` lists them.
+The comparison's directory is ``--run_dir``, else ``RUN_ROOT/compare``.
+
 Besides the mean +- std over seeds, the comparison pairs models on the same clients: every model against a
 baseline (``--baseline``), per (seed, client, task), with wins / ties / losses and a Wilcoxon signed-rank test.
 """
@@ -24,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,73 +48,92 @@ Row = tuple[str, str]
 ABLATION_MODEL = "no_distillation"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Raises argument errors, which the ``tapl`` command reports in one line, instead of printing the usage."""
-
-    def error(self, message: str) -> NoReturn:
-        raise argparse.ArgumentError(None, message)
+#: ``tapl compare``'s own options, which its runs do not get (each run has its own ``--run_dir``).
+OWN_OPTIONS = ("--algorithms", "--seeds", "--baseline", "--jobs", "--run_dir")
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], list[str]]:
-    """Split ``tapl compare`` arguments into its own, the ``--algorithm.*`` overrides and the rest (for fit).
+@dataclass(frozen=True)
+class CompareOptions:
+    """``tapl compare``'s own options, checked.
 
-    Returns:
-        The compare arguments, the ``--algorithm.NAME VALUE`` overrides (flat list) and the ``fit`` arguments.
+    Args:
+        algorithms: The algorithms, as ``--algorithm`` takes them (short names or class paths).
+        seeds: The federation seeds.
+        baseline: The baseline's algorithm and model (``None``: the default, see :func:`baseline_row`).
+        jobs: Runs at once.
+    """
+
+    algorithms: list[str]
+    seeds: list[int]
+    baseline: tuple[str | None, str | None] = (None, None)
+    jobs: int = 1
+
+
+def _argument_error(message: str) -> NoReturn:
+    """Fail as a bad argument does: the ``tapl`` command reports it in one line, with exit status 2."""
+    raise argparse.ArgumentError(None, message)
+
+
+def compare_options(algorithms: str, seeds: str = "0", baseline: str | None = None, jobs: int = 1) -> CompareOptions:
+    """Check ``tapl compare``'s own options, as given on the command line.
+
+    Args:
+        algorithms: Comma-separated, e.g. ``"FedAvg, TAP"``.
+        seeds: Comma-separated integers, e.g. ``"0,1,2"``.
+        baseline: ``ALGORITHM[:MODEL]``; the algorithm must be one of ``algorithms``.
+        jobs: At least 1.
 
     Raises:
-        argparse.ArgumentError: for a missing or invalid argument.
+        argparse.ArgumentError: naming the option at fault.
     """
-    parser = _Parser(
-        prog="tapl compare",
-        allow_abbrev=False,
-        description="Run several algorithms and seeds on the same federation and compare them. Any other "
-        "argument (--config, --federation.*, --trainer.*, --data.*, ...) applies to every run; "
-        "--algorithm.NAME VALUE applies to the algorithms that take NAME.",
-    )
-    parser.add_argument("--algorithms", required=True, help="comma-separated, e.g. FedAvg,FedProx,PerFedAvg,TAP")
-    parser.add_argument("--seeds", default="0", help="comma-separated federation seeds, e.g. 0,1,2")
-    parser.add_argument("--run_dir", default="runs/compare", help="one sub-directory per algorithm and seed")
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        metavar="ALGORITHM[:MODEL]",
-        help="the model every other one is paired with on the same clients, e.g. FedAvg:global+FT (default: the "
-        "first algorithm's global+FT model, else its personalized one; MODEL defaults the same way)",
-    )
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="runs at once, each in its own process with cores/jobs CPU threads and its output in "
-        "RUN_DIR/<algorithm>/seed-<seed>.log (default 1: one after another, in this process)",
-    )
-    own, rest = parser.parse_known_args(list(argv))
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    try:
+        numbers = [int(s) for s in str(seeds).split(",") if s.strip()]
+    except ValueError:
+        _argument_error(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if not names or not numbers:
+        _argument_error("give at least one algorithm and one seed")
+    if jobs < 1:
+        _argument_error(f"--jobs must be >= 1, got {jobs}")
+    algorithm, _, model = (baseline or "").partition(":")
+    if algorithm and algorithm not in names:
+        _argument_error(f"--baseline {baseline}: {algorithm} is not one of --algorithms {names}")
+    return CompareOptions(names, numbers, (algorithm or None, model or None), jobs)
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``tapl compare``'s arguments into the rest and its ``--algorithm.NAME VALUE`` overrides (flat list).
+
+    Raises:
+        argparse.ArgumentError: for ``--algorithm`` or ``--federation.seed``, which every run sets itself.
+    """
+    rest: list[str] = []
     overrides: list[str] = []
-    fit_args: list[str] = []
-    items = iter(rest)
+    items = iter(argv)
     for item in items:
         if item == "--algorithm" or item.startswith("--algorithm="):
-            parser.error("--algorithm is set per run by --algorithms")
+            _argument_error("--algorithm is set per run by --algorithms")
         if item.startswith("--federation.seed"):
-            parser.error("--federation.seed is set per run by --seeds")
+            _argument_error("--federation.seed is set per run by --seeds")
         if item.startswith("--algorithm."):
             overrides += item.split("=", 1) if "=" in item else [item, next(items, "")]
         else:
-            fit_args.append(item)
-    own.algorithms = [a.strip() for a in own.algorithms.split(",") if a.strip()]
-    try:
-        own.seeds = [int(s) for s in own.seeds.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {own.seeds!r}")
-    if not own.algorithms or not own.seeds:
-        parser.error("give at least one algorithm and one seed")
-    if own.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {own.jobs}")
-    algorithm, _, model = (own.baseline or "").partition(":")
-    if algorithm and algorithm not in own.algorithms:
-        parser.error(f"--baseline {own.baseline}: {algorithm} is not one of --algorithms {own.algorithms}")
-    own.baseline = (algorithm or None, model or None)
-    return own, overrides, fit_args
+            rest.append(item)
+    return rest, overrides
+
+
+def fit_arguments(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``tapl compare``'s own options (:data:`OWN_OPTIONS`): what every run gets."""
+    kept: list[str] = []
+    items = iter(argv)
+    for item in items:
+        name = item.split("=", 1)[0]
+        if name in OWN_OPTIONS:
+            if "=" not in item:
+                next(items, None)
+            continue
+        kept.append(item)
+    return kept
 
 
 def algorithm_class(name: str) -> type:
@@ -152,10 +176,13 @@ def run_all(
     fit_args: Sequence[str],
     fit: Callable[[list[str]], None],
     jobs: int = 1,
+    check: Callable[[list[str]], Any] | None = None,
 ) -> dict[tuple[str, int], Path]:
     """Run (or resume, or reuse) every algorithm and seed; return each run's directory.
 
-    With ``jobs`` > 1 the runs go to :func:`run_in_processes`; otherwise ``fit`` runs them one by one.
+    With ``jobs`` > 1 the runs go to :func:`run_in_processes`; otherwise ``fit`` runs them one by one. ``check``
+    (e.g. the ``tapl`` parser) is given each algorithm's ``fit`` arguments first, so that a bad argument fails
+    before any run starts.
     """
     check_overrides(algorithms, overrides)
     runs: dict[tuple[str, int], Path] = {}
@@ -181,6 +208,9 @@ def run_all(
             if RunDirectory(directory).holds_run():
                 args += ["--ckpt_path", "last"]
             pending[(algorithm, seed)] = args
+    if check is not None:
+        for args in {key[0]: args for key, args in pending.items()}.values():
+            check(args)
     if jobs > 1:
         run_in_processes(pending, {key: runs[key] for key in pending}, jobs)
     else:
@@ -655,20 +685,34 @@ def plot_replacements(runs: Mapping[tuple[str, int], Mapping[str, Any]], out: Pa
 # -- the command -------------------------------------------------------------------------------------------
 
 
-def compare(argv: Sequence[str], fit: Callable[[list[str]], None]) -> Path:
-    """Run ``tapl compare`` with ``argv`` (without the subcommand); ``fit`` runs one ``tapl fit``.
+def compare(
+    options: CompareOptions,
+    out: Path,
+    overrides: Sequence[str],
+    fit_args: Sequence[str],
+    fit: Callable[[list[str]], None],
+    command: str,
+    check: Callable[[list[str]], Any] | None = None,
+) -> Path:
+    """Run ``tapl compare``: every algorithm and seed of ``options`` into ``out``, then the comparison.
 
-    Writes ``comparison.md``, ``comparison.csv``, ``comparison_paired.csv`` and the PNG plots into ``--run_dir``
-    and returns it.
+    Writes ``comparison.md``, ``comparison.csv``, ``comparison_paired.csv`` and the PNG plots into ``out`` and
+    returns it.
+
+    Args:
+        options: The algorithms, seeds, baseline and jobs.
+        out: The comparison's directory; run ``(algorithm, seed)`` goes to ``out/<algorithm>/seed-<seed>``.
+        overrides: ``--algorithm.NAME VALUE`` pairs, each given to the algorithms that take ``NAME``.
+        fit_args: The ``tapl fit`` arguments every run gets.
+        fit: Runs one ``tapl fit`` in this process, given its arguments.
+        command: The command, for the table.
+        check: Given each algorithm's ``fit`` arguments before any run (see :func:`run_all`).
     """
-    own, overrides, fit_args = parse_args(argv)
-    out = Path(own.run_dir)
     start = time.perf_counter()
-    paths = run_all(own.algorithms, own.seeds, out, overrides, fit_args, fit, own.jobs)
+    paths = run_all(options.algorithms, options.seeds, out, overrides, fit_args, fit, options.jobs, check)
     runs = {key: load_run(directory) for key, directory in paths.items()}
     rows = comparison_rows(runs)
-    paired = paired_rows(runs, baseline_row(runs, *own.baseline))
-    command = " ".join(["tapl compare", *argv])
+    paired = paired_rows(runs, baseline_row(runs, *options.baseline))
     out.mkdir(parents=True, exist_ok=True)
     RunDirectory(out).write_text("comparison.md", markdown_table(rows, command) + "\n" + paired_markdown_table(paired))
     RunDirectory(out).write_text("comparison.csv", csv_table(rows))

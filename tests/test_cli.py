@@ -4,6 +4,7 @@ path, and bad input fails with a message that names the problem and leaves exist
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import textwrap
@@ -18,6 +19,7 @@ from tapl.algorithms import FedAvg
 from tapl.cli import TaplCLI, main
 from tapl.engine.plateau import PlateauStop
 from tapl.federation import FederatedOrchestrator, FederationConfig
+from tapl.run_versions import versions
 
 # The tests call the CLI in-process, under pytest's own command line.
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -310,3 +312,97 @@ def test_resume_from_a_different_federation_is_refused(
     for text in expected:
         assert text in err
     assert snapshot(existing_run) == before
+
+
+# -- versioned run directories --------------------------------------------------------------------------------
+
+
+def versioned_config(assets: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A one-round tiny config that names a run root instead of a run directory; its path and the root."""
+    config = tiny_config(assets, tmp_path / "unused", rounds=1, finetune_steps=1)
+    del config["run_dir"]
+    config["run_root"] = str(tmp_path / "runs")
+    return write_config(tmp_path / "config.yaml", config), tmp_path / "runs"
+
+
+def test_each_fit_gets_a_new_version_and_last_resumes_and_tests_the_newest(
+    assets: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, root = versioned_config(assets, tmp_path)
+    with caplog.at_level(logging.INFO, logger="tapl"):
+        main(["fit", "--config", str(config)])
+        main(["fit", "--config", str(config), "--algorithm", "FedProx"])  # the README's next step
+    assert versions(root) == [0, 1]
+    assert f"Run directory: {root / 'version_1'} (a new version)" in caplog.text
+    for number, algorithm in ((0, "FedAvg"), (1, "FedProx")):
+        run = root / f"version_{number}"
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert (saved["run_dir"], saved["run_root"]) == (str(run), str(root))
+        assert saved["algorithm"]["class_path"].endswith(algorithm)
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+    # --ckpt_path last without --run_dir resumes the newest version; test tests it.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tapl"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(config),
+                "--algorithm",
+                "FedProx",
+                "--ckpt_path",
+                "last",
+                "--federation.rounds",
+                "2",
+            ]
+        )
+        main(["test", "--config", str(config), "--algorithm", "FedProx", "--federation.rounds", "2"])
+    assert versions(root) == [0, 1]
+    assert len((root / "version_1" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert f"Run directory: {root / 'version_1'} (the newest run under {root})" in caplog.text
+    assert f"Test results of round 2 in {root / 'version_1' / 'results.md'}" in caplog.text
+
+    # A run's own config.yaml names its directory: resuming with it continues that run, not the newest.
+    main(
+        ["fit", "--config", str(root / "version_0" / "config.yaml"), "--ckpt_path", "last", "--federation.rounds", "2"]
+    )
+    main(["test", "--config", str(root / "version_0" / "config.yaml")])
+    assert versions(root) == [0, 1]
+    assert len((root / "version_0" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((root / "version_0" / "results.json").read_text())["round"] == 2
+
+
+def test_nothing_to_resume_under_the_root_fails_in_one_line_and_creates_nothing(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, root = versioned_config(assets, tmp_path)
+    err = fails(["fit", "--config", str(config), "--ckpt_path", "last"], capsys)
+    assert err.startswith("tapl: error: no run to resume under --run_root") and err.count("\n") == 1
+    err = fails(["test", "--config", str(config)], capsys)
+    assert "no run to test under --run_root" in err
+    assert not root.exists()
+
+
+def test_a_fit_that_fails_before_it_starts_leaves_no_empty_version(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, root = versioned_config(assets, tmp_path)
+    bad = yaml.safe_load(config.read_text())
+    bad["data"]["tasks"][0]["data_files"] = str(tmp_path / "missing.parquet")
+    err = fails(["fit", "--config", str(write_config(config, bad))], capsys)
+    assert "missing.parquet" in err
+    assert versions(root) == []
+
+
+@pytest.mark.slow
+def test_the_ranks_of_a_multi_device_run_share_one_version(assets: dict[str, Path], tmp_path: Path) -> None:
+    config, root = versioned_config(assets, tmp_path)
+    multi = yaml.safe_load(config.read_text())
+    multi["trainer"] = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
+    command = [*tapl_command(), "fit", "--config", str(write_config(config, multi))]
+    done = subprocess.run(command, env=command_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Lightning re-runs the command for rank 1, which takes rank 0's version instead of making another.
+    assert versions(root) == [0]
+    assert len((root / "version_0" / "metrics.jsonl").read_text().splitlines()) == 1

@@ -18,6 +18,8 @@ from helpers import tiny_config
 from tapl.cli import main
 from tapl.compare import (
     baseline_row,
+    compare_options,
+    fit_arguments,
     mean_std,
     paired_comparisons,
     paired_csv_table,
@@ -25,7 +27,7 @@ from tapl.compare import (
     paired_markdown_table,
     paired_rows,
     paired_stats,
-    parse_args,
+    split_overrides,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
@@ -231,21 +233,30 @@ def test_algorithm_overrides_apply_to_the_algorithms_that_take_them(
 
 
 def test_argument_parsing_and_mean_std() -> None:
-    own, overrides, rest = parse_args(
+    rest, overrides = split_overrides(
         [
             "--algorithms",
             "FedAvg, TAP",
-            "--seeds",
-            "3,4",
+            "--seeds=3,4",
             "--config",
             "c.yaml",
             "--algorithm.mu=0.1",
+            "--run_dir",
+            "out",
             "--trainer.devices",
             "1",
+            "--jobs",
+            "2",
         ]
     )
-    assert own.algorithms == ["FedAvg", "TAP"] and own.seeds == [3, 4]
-    assert overrides == ["--algorithm.mu", "0.1"] and rest == ["--config", "c.yaml", "--trainer.devices", "1"]
+    assert overrides == ["--algorithm.mu", "0.1"]
+    # What every run gets: neither compare's own options nor its directory.
+    assert fit_arguments(rest) == ["--config", "c.yaml", "--trainer.devices", "1"]
+    options = compare_options("FedAvg, TAP", "3,4", jobs=2)
+    assert options.algorithms == ["FedAvg", "TAP"] and options.seeds == [3, 4] and options.jobs == 2
+    for every_run_sets in (["--algorithm", "TAP"], ["--algorithm=TAP"], ["--federation.seed", "1"]):
+        with pytest.raises(argparse.ArgumentError, match="is set per run by"):
+            split_overrides(every_run_sets)
     assert mean_std([2.0]) == (2.0, 0.0)
     assert mean_std([1.0, 2.0, 6.0]) == pytest.approx((3.0, math.sqrt((4 + 1 + 9) / 2)))
 
@@ -394,11 +405,58 @@ def test_paired_rows_and_their_tables() -> None:
 
 
 def test_the_baseline_flag() -> None:
-    own, _, _ = parse_args(["--algorithms", "FedAvg,TAP"])
-    assert own.baseline == (None, None)
-    own, _, _ = parse_args(["--algorithms", "FedAvg,TAP", "--baseline", "TAP:no_distillation"])
-    assert own.baseline == ("TAP", "no_distillation")
-    own, _, _ = parse_args(["--algorithms", "FedAvg,TAP", "--baseline", "FedAvg"])
-    assert own.baseline == ("FedAvg", None)
+    assert compare_options("FedAvg,TAP").baseline == (None, None)
+    assert compare_options("FedAvg,TAP", baseline="TAP:no_distillation").baseline == ("TAP", "no_distillation")
+    assert compare_options("FedAvg,TAP", baseline="FedAvg").baseline == ("FedAvg", None)
     with pytest.raises(argparse.ArgumentError, match="FedProx is not one of --algorithms"):
-        parse_args(["--algorithms", "FedAvg,TAP", "--baseline", "FedProx:global"])
+        compare_options("FedAvg,TAP", baseline="FedProx:global")
+
+
+# -- the same parser as fit ---------------------------------------------------------------------------------
+
+
+def test_compare_help_lists_fit_s_options_and_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--help"])
+    assert exit_info.value.code in (0, None)
+    text = capsys.readouterr().out
+    for option in ("--federation.rounds", "--data.partitioner", "--optimizer", "--run_root", "--trainer.precision"):
+        assert option in text, option
+    for option in ("--algorithms", "--seeds", "--baseline", "--jobs"):
+        assert option in text, option
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--federation.rounds", "abc"], "federation.rounds"),
+        (["--trainer.nosuch", "1"], "trainer.nosuch"),
+        (["--algorithm.replacement", "bogus"], "bogus"),  # TAP's: checked before FedAvg runs
+    ],
+    ids=["fit-option", "unknown-option", "per-algorithm-override"],
+)
+def test_every_run_s_arguments_are_checked_before_any_run(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    config = config_file(assets, tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        compare(config, tmp_path / "out", *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tapl: error: ") and expected in err and "tapl compare --help" in err
+    assert not (tmp_path / "out" / "FedAvg").exists()
+
+
+def test_without_run_dir_the_comparison_goes_under_the_run_root(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load(config_file(assets, tmp_path).read_text())
+    del config["run_dir"]
+    config["run_root"] = str(tmp_path / "runs")
+    path = tmp_path / "rooted.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--algorithms", "FedAvg", "--federation.rounds", "1", "--federation.finetune_steps", "1"]
+    main(["compare", "--config", str(path), *args])
+    assert (tmp_path / "runs" / "compare" / "FedAvg" / "seed-0" / "results.json").is_file()
+    assert (tmp_path / "runs" / "compare" / "comparison.md").is_file()
