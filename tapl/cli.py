@@ -396,7 +396,7 @@ def _argument_message(message: str, argv: list[str]) -> str:
     unknown = re.search(r'Parser key "algorithm":\s+- Expected a path but (\S+) either not accessible', message)
     if unknown:
         reasons = [r.strip() for r in text.split(" - ")[2:] if not r.startswith("Expected a dot import path")]
-        names = ", ".join(sorted(set(tapl.algorithms.__all__) - {"Algorithm"}))
+        names = ", ".join(sorted(tapl.algorithms.BUILT_IN))
         text = (
             f"unknown algorithm {unknown.group(1)!r}{f' ({reasons[0]})' if reasons else ''}: give a built-in one "
             f"({names}) or the class path of your own, e.g. mypackage.module.MyAlgorithm"

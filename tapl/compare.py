@@ -139,10 +139,9 @@ def fit_arguments(argv: Sequence[str]) -> list[str]:
 def algorithm_class(name: str) -> type:
     """The class ``--algorithm NAME`` selects: a short name of ``tapl.algorithms`` or a class path."""
     if "." not in name:
-        cls = getattr(tapl.algorithms, name, None)
-        if not isinstance(cls, type):
-            raise ValueError(f"Unknown algorithm {name!r}; built-in ones: {sorted(tapl.algorithms.__all__)}")
-        return cls
+        if name not in tapl.algorithms.BUILT_IN:
+            raise ValueError(f"Unknown algorithm {name!r}; built-in ones: {sorted(tapl.algorithms.BUILT_IN)}")
+        return getattr(tapl.algorithms, name)
     module, _, attribute = name.rpartition(".")
     return getattr(importlib.import_module(module), attribute)
 

@@ -240,7 +240,8 @@ def _config_sources(config: Mapping[str, Any] | None, prefix: str, key: str) -> 
         node = node[part]
     if isinstance(node, Mapping):
         return [_Source(("--value", json.dumps(node)), node.get("class_path", _NO_CLASS))]
-    return [_Source(("--value", json.dumps(node)), node)]
+    # A class name is given as the command line would give it (json would quote it: not an import path).
+    return [_Source(("--value", node if isinstance(node, str) else json.dumps(node)), node)]
 
 
 def _named_by(value: str) -> Any:

@@ -103,3 +103,14 @@ def test_a_config_given_as_a_dict_switches_the_same_way(assets: dict[str, Path],
     # Over tapl's default AdamW(lr=3e-4, weight_decay=0.01): SGD with only what the dict gives.
     assert optimizer["class_path"] == "torch.optim.SGD"
     assert optimizer["init_args"]["lr"] == 0.5 and optimizer["init_args"]["weight_decay"] == 0.0
+
+
+def test_a_config_may_name_a_class_by_its_short_name(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = yaml.safe_load(DEMO.read_text())
+    config["algorithm"] = "FedRep"
+    path = tmp_path / "fedrep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert printed(capsys, config=path)["algorithm"]["class_path"] == "tapl.algorithms.FedRep"
+    # A later switch on the command line still starts the new class afresh.
+    tap = printed(capsys, "--algorithm", "TAP", config=path)["algorithm"]
+    assert tap["class_path"] == "tapl.algorithms.TAP" and "head_steps" not in init_args(tap)

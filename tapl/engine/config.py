@@ -18,6 +18,7 @@ RESUMABLE_SETTINGS = (
     "federation.progress",
     "data.num_workers",
     "run_dir",
+    "run_root",
     "ckpt_path",
 )
 
