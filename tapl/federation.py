@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tapl.algorithms.base import Algorithm
-from tapl.api import ClientInfo, ClientUpdate, Failure, FederationInfo, Instruction
+from tapl.api import ClientUpdate, Failure, FederationInfo, Instruction
 from tapl.client import OptimizerFactory
 from tapl.components import (
     ComponentMismatchError,
@@ -40,13 +39,21 @@ from tapl.components import (
 )
 from tapl.datamodules.federated import FederatedDataModule
 from tapl.engine.callbacks import EngineCallback
-from tapl.engine.checkpointing import Checkpointing, check_config, check_fingerprint, rng_state, set_rng_state
+from tapl.engine.checkpointing import (
+    Checkpoint,
+    Checkpointing,
+    check_config,
+    check_fingerprint,
+    resume_target,
+    rng_state,
+    set_rng_state,
+)
 from tapl.engine.client_store import ClientStore
-from tapl.engine.clients import Clients
+from tapl.engine.clients import Clients, describe
 from tapl.engine.config import RESUMABLE_SETTINGS, FederationConfig
 from tapl.engine.evaluation import Evaluation, Evaluator, of_clients, summaries
 from tapl.engine.local_training import LocalTraining, default_optimizer
-from tapl.engine.logging import LoggerCallback, MetricsFile
+from tapl.engine.logging import LoggerCallback, MetricsFile, loggers_of
 from tapl.engine.plateau import PlateauStop
 from tapl.engine.post_federation import PostFederation
 from tapl.engine.progress import Progress
@@ -54,11 +61,11 @@ from tapl.engine.results import assemble_results, new_client_record
 from tapl.errors import Stopped, TaplError
 from tapl.models.foundation import FoundationModel
 from tapl.reporting import results_table
-from tapl.run_dir import FINAL, POST_FEDERATION_METRICS, RunDirectory, RunDirError
+from tapl.run_dir import POST_FEDERATION_METRICS, RunDirectory, RunDirError
 from tapl.run_lock import RunLock
 from tapl.sampling import sample_clients
 from tapl.tasks import Task
-from tapl.visit_trainer import VisitTrainers, quiet_lightning
+from tapl.visit_trainer import VisitTrainers
 
 __all__ = ["RESUMABLE_SETTINGS", "FederatedOrchestrator", "FederationConfig", "FederationError"]
 
@@ -104,7 +111,7 @@ class FederatedOrchestrator:
         self.config = federation or FederationConfig()
         self.run_dir = RunDirectory(run_dir)
         trainer = dict(trainer or {})
-        loggers = _loggers(trainer.pop("logger", None))
+        loggers = loggers_of(trainer.pop("logger", None))
         self.trainers = VisitTrainers(trainer)
         self.config_text = config_text
         missing = sorted(set(data.tasks) - set(model.tasks))
@@ -244,7 +251,9 @@ class FederatedOrchestrator:
         self.data.setup()
         if check_values:
             self.data.check_values(self.model.preprocessors)
-        self._info = self._describe()
+        self._info = describe(
+            self.model, self.data, self.config, self.trainers, self.initial_state, Path(self.run_dir.root)
+        )
         self.algorithm.setup(self._info)
         has_global = any(m.key == "global" for m in self.algorithm.models())
         fine_tune = has_global and self.config.finetune_steps > 0
@@ -255,33 +264,6 @@ class FederatedOrchestrator:
             f"{self.config.finetune_steps} batches at lr {self.config.finetune_lr:g} after the last round"
         )
         self._evaluator = Evaluator(self._clients, self._post.finetuned, finetune)
-
-    def _describe(self) -> FederationInfo:
-        clients = {
-            c.id: ClientInfo(
-                c.id,
-                tuple(c.tasks),
-                tuple(self.model.components_for(c.tasks)),
-                self.data.num_samples(c.id, "train"),
-            )
-            for c in self.data.clients
-        }
-        with quiet_lightning():  # the precision a fit really runs with (e.g. 16-mixed is bf16-mixed on a CPU)
-            precision = str(self.trainers.fit_trainer(1).precision)
-        return FederationInfo(
-            tasks=dict(self.data.tasks),
-            clients=clients,
-            paths={task: tuple(self.model.components_on_path(task)) for task in self.data.tasks},
-            initial_state=self.initial_state,
-            rounds=self.config.rounds,
-            local_steps=self.config.local_steps,
-            finetune_steps=self.config.finetune_steps,
-            finetune_lr=self.config.finetune_lr,
-            warmup_rounds=self.config.warmup_rounds,
-            precision=precision,
-            trainer=dict(self.trainers.kwargs),
-            run_dir=Path(self.run_dir.root),
-        )
 
     def _fit(self) -> dict[str, Any]:
         for round in range(self.round + 1, self.config.rounds + 1):
@@ -504,8 +486,8 @@ class FederatedOrchestrator:
             return None
         return self.run_dir.save_checkpoint(name, self.global_state, self.state_dict())
 
-    def _restore(self, path: Path) -> None:
-        global_state, payload = self.run_dir.load_checkpoint(path)
+    def _restore(self, path: Path, loaded: Checkpoint | None = None) -> None:
+        global_state, payload = loaded or self.run_dir.load_checkpoint(path)
         check_fingerprint(payload["fingerprint"], self.fingerprint(), path)
         check_config(payload.get("config"), self.resolved_config(), path)
         check_state(global_state, shapes_of(self.global_state), f"checkpoint {path}")
@@ -515,7 +497,7 @@ class FederatedOrchestrator:
 
     def _resume(self, ckpt_path: str) -> None:
         """Load the checkpoint ``--ckpt_path`` names and cut the logs back to it."""
-        self._restore(self._resume_checkpoint(ckpt_path))
+        self._restore(*resume_target(self.run_dir, ckpt_path, self.config.rounds))
         if self.round > self.config.rounds:
             raise RunDirError(
                 f"The checkpoint is at round {self.round}, beyond --federation.rounds {self.config.rounds}."
@@ -530,25 +512,3 @@ class FederatedOrchestrator:
         done = set(self._post.done)
         self._rank_zero(self.run_dir.truncate_metrics, lambda r: r["round"] <= self.round)
         self._rank_zero(self.run_dir.truncate_metrics, lambda r: r["client"] in done, POST_FEDERATION_METRICS)
-
-    def _resume_checkpoint(self, ckpt_path: str) -> Path:
-        """The checkpoint ``--ckpt_path`` names; ``last`` prefers the post-federation one unless extending."""
-        final = self.run_dir.checkpoints / FINAL
-        if ckpt_path == "last" and (final / "state.pt").is_file():
-            _, payload = self.run_dir.load_checkpoint(final)
-            if payload["round"] >= self.config.rounds or payload["stopped_at"] is not None:
-                return final
-        return self.run_dir.resolve_checkpoint(ckpt_path)
-
-
-def _loggers(setting: Any) -> list[Logger] | None:
-    """The loggers of ``--trainer.logger``: ``None`` (the default TensorBoard logger) for ``None``/``True``."""
-    if setting is None or setting is True:
-        return None
-    if setting is False:
-        return []
-    loggers = list(setting) if isinstance(setting, list | tuple) else [setting]
-    wrong = [type(x).__name__ for x in loggers if not isinstance(x, Logger)]
-    if wrong:
-        raise ValueError(f"--trainer.logger must be Lightning loggers, got {wrong}")
-    return loggers

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tapl.components import ComponentState
 from tapl.engine.callbacks import Engine, EngineCallback
 from tapl.engine.config import RESUMABLE_SETTINGS
 from tapl.engine.logging import flatten
-from tapl.run_dir import FINAL, RunDirError
+from tapl.run_dir import FINAL, RunDirectory, RunDirError
+
+#: A loaded checkpoint: the global model and everything else.
+Checkpoint = tuple[ComponentState, dict[str, Any]]
 
 
 class Checkpointing(EngineCallback):
@@ -31,6 +36,17 @@ class Checkpointing(EngineCallback):
 
     def on_post_federation_end(self, engine: Engine) -> None:
         engine.save_checkpoint(FINAL)
+
+
+def resume_target(run_dir: RunDirectory, ckpt_path: str, rounds: int) -> tuple[Path, Checkpoint | None]:
+    """The checkpoint ``--ckpt_path`` names, and it loaded when finding it took loading it: ``last`` prefers the
+    post-federation checkpoint unless the run is extended beyond its rounds."""
+    final = run_dir.checkpoints / FINAL
+    if ckpt_path == "last" and (final / "state.pt").is_file():
+        loaded = run_dir.load_checkpoint(final)
+        if loaded[1]["round"] >= rounds or loaded[1]["stopped_at"] is not None:
+            return final, loaded
+    return run_dir.resolve_checkpoint(ckpt_path), None
 
 
 def rng_state() -> dict[str, Any]:

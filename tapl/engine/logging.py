@@ -156,3 +156,16 @@ def flatten(values: dict[str, Any], prefix: str = "", separator: str = "/") -> d
 def numbers(values: dict[str, Any]) -> dict[str, float]:
     """The numbers of a nested dict as flat ``a/b/c`` scalars."""
     return {k: float(v) for k, v in flatten(values).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def loggers_of(setting: Any) -> list[Logger] | None:
+    """The loggers of ``--trainer.logger``: ``None`` (the default TensorBoard logger) for ``None``/``True``."""
+    if setting is None or setting is True:
+        return None
+    if setting is False:
+        return []
+    loggers = list(setting) if isinstance(setting, list | tuple) else [setting]
+    wrong = [type(x).__name__ for x in loggers if not isinstance(x, Logger)]
+    if wrong:
+        raise ValueError(f"--trainer.logger must be Lightning loggers, got {wrong}")
+    return loggers
