@@ -195,20 +195,24 @@ class TaplCLI(LightningCLI):
         parser.add_subclass_arguments(Algorithm, "algorithm", default=lazy_instance(FedAvg), required=False)
         parser.add_class_arguments(FederatedDataModule, "data", fail_untyped=False, sub_configs=True)
         parser.add_class_arguments(FoundationModel, "model", fail_untyped=False, sub_configs=True)
-        parser.add_argument(
+        run = parser.add_argument_group("The local optimizer and where the run goes")
+        parser.add_grouped_argument(
+            run,
             "--optimizer",
             type=OptimizerCallable,
             default={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4, "weight_decay": 0.01}},
             help="Optimizer of every local fit, e.g. --optimizer AdamW --optimizer.lr 3e-4.",
         )
-        parser.add_argument(
+        parser.add_grouped_argument(
+            run,
             "--run_root",
             type=str,
             default=DEFAULT_RUN_ROOT,
             help="Where runs go: each new run in its own RUN_ROOT/version_N (N: one past the highest there); "
             "--ckpt_path last resumes, and test tests, the newest.",
         )
-        parser.add_argument(
+        parser.add_grouped_argument(
+            run,
             "--run_dir",
             type=str | None,
             default=None,

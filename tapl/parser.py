@@ -68,11 +68,21 @@ class TaplArgumentParser(LightningArgumentParser):
     @override
     def add_argument(self, *args: Any, **kwargs: Any) -> Any:
         action = super().add_argument(*args, **kwargs)
-        long = [a for a in args if isinstance(a, str) and a.startswith("--")]
         # jsonargparse's argument groups run this method too; the groups of a class are recorded by its parser.
-        if isinstance(self, TaplArgumentParser) and "type" in kwargs and long:
-            self.option_types[long[0][2:]] = kwargs["type"]
+        if isinstance(self, TaplArgumentParser):
+            self._record_type(args, kwargs)
         return action
+
+    def add_grouped_argument(self, group: Any, *args: Any, **kwargs: Any) -> Any:
+        """``group.add_argument(*args, **kwargs)`` for a group of this parser, its type recorded as a plain option's."""
+        action = group.add_argument(*args, **kwargs)
+        self._record_type(args, kwargs)
+        return action
+
+    def _record_type(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        long = [a for a in args if isinstance(a, str) and a.startswith("--")]
+        if "type" in kwargs and long:
+            self.option_types[long[0][2:]] = kwargs["type"]
 
     @override
     def add_class_arguments(self, class_type: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> Any:

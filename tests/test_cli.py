@@ -406,3 +406,15 @@ def test_the_ranks_of_a_multi_device_run_share_one_version(assets: dict[str, Pat
     # Lightning re-runs the command for rank 1, which takes rank 0's version instead of making another.
     assert versions(root) == [0]
     assert len((root / "version_0" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_fit_help_leads_with_the_federation_and_ends_with_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:") :]
+    order = ["--federation.rounds", "--algorithm ", "--data.batch_size", "--model.", "--optimizer ", "--run_root"]
+    positions = [options.index(f"  {option}") for option in order]
+    assert positions == sorted(positions)
+    trainer = options.index("  --trainer.accelerator")
+    assert trainer > positions[-1]
