@@ -26,12 +26,10 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from tapl.algorithms.base import Algorithm
-from tapl.api import ClientUpdate, Failure, FederationInfo, Instruction
+from tapl.api import ClientUpdate, Failure, FederationInfo
 from tapl.client import OptimizerFactory
 from tapl.components import (
-    ComponentMismatchError,
     ComponentState,
-    check_finite,
     check_state,
     non_finite_components,
     num_bytes,
@@ -48,14 +46,12 @@ from tapl.engine.checkpointing import (
     rng_state,
     set_rng_state,
 )
-from tapl.engine.client_store import ClientStore
-from tapl.engine.clients import Clients, describe
+from tapl.engine.clients import ClientWorker, describe
 from tapl.engine.config import RESUMABLE_SETTINGS, FederationConfig
-from tapl.engine.evaluation import Evaluation, Evaluator, of_clients, summaries
+from tapl.engine.evaluation import Evaluation, Examples, of_clients, reported_models, summaries
 from tapl.engine.local_training import LocalTraining, default_optimizer
 from tapl.engine.logging import LoggerCallback, MetricsFile, loggers_of
 from tapl.engine.plateau import PlateauStop
-from tapl.engine.post_federation import PostFederation
 from tapl.engine.progress import Progress
 from tapl.engine.results import assemble_results, new_client_record
 from tapl.errors import Stopped, TaplError
@@ -129,7 +125,6 @@ class FederatedOrchestrator:
         self.training = LocalTraining(model, data, self.trainers, optimizer, self.config)
         self.initial_state: ComponentState = model.get_state()
         self.global_state: ComponentState = model.get_state()
-        self.store = ClientStore()
         self.round = 0
         self.finalized = False
         self.stopped_at: int | None = None
@@ -144,9 +139,10 @@ class FederatedOrchestrator:
             Checkpointing(),  # last: a checkpoint holds what every other callback did in the round
         ]
         self._info: FederationInfo | None = None
-        self._clients: Clients | None = None
-        self._post: PostFederation | None = None
-        self._evaluator: Evaluator | None = None
+        self._worker: ClientWorker | None = None
+        #: Clients whose post-federation stage is done, in order.
+        self.post_done: list[int] = []
+        self.fine_tune = False
 
     # -- what callbacks and algorithms see ----------------------------------------------------------------
 
@@ -256,14 +252,24 @@ class FederatedOrchestrator:
         )
         self.algorithm.setup(self._info)
         has_global = any(m.key == "global" for m in self.algorithm.models())
-        fine_tune = has_global and self.config.finetune_steps > 0
-        self._clients = Clients(self._info, self.algorithm, self.training, self.store)
-        self._post = PostFederation(self._clients, fine_tune)
-        finetune = (
+        #: Whether the post-federation stage fine-tunes each client's global slice (the "+FT" model).
+        self.fine_tune = has_global and self.config.finetune_steps > 0
+        self._worker = ClientWorker(self._info, self.algorithm, self.training, self.model.component_shapes())
+
+    @property
+    def finetune_description(self) -> str:
+        """How the "+FT" model is made, for the results."""
+        return (
             "each client's slice of the final global model, fine-tuned on the client's training data for "
             f"{self.config.finetune_steps} batches at lr {self.config.finetune_lr:g} after the last round"
         )
-        self._evaluator = Evaluator(self._clients, self._post.finetuned, finetune)
+
+    @property
+    def worker(self) -> ClientWorker:
+        """The client side: runs every client's work and keeps every client's store (once set up)."""
+        if self._worker is None:
+            raise RuntimeError("The federation is not set up yet: call fit() or test()")
+        return self._worker
 
     def _fit(self) -> dict[str, Any]:
         for round in range(self.round + 1, self.config.rounds + 1):
@@ -297,7 +303,7 @@ class FederatedOrchestrator:
             bytes_down += num_bytes(instruction.state)
             self.client_records[cid]["visits"] += 1
             try:
-                update = self._visit(round, instruction)
+                update = self.worker.visit(round, instruction)
             except Exception as error:  # a failing client must not stop the federation
                 failures.append(Failure(cid, f"{type(error).__name__}: {error}"))
                 self.client_records[cid]["failures"] += 1
@@ -331,22 +337,6 @@ class FederatedOrchestrator:
         record["seconds"] = time.perf_counter() - started
         self._fire("on_round_end", record)
 
-    def _visit(self, round: int, instruction: Instruction) -> ClientUpdate:
-        """One client's visit: its update, checked; its store kept only when all went well."""
-        cid = instruction.client
-        assert self._clients is not None
-        ctx = self._clients.context(cid, round, instruction.state, config=instruction.config)
-        update = self.algorithm.client_update(ctx)
-        if update.client != cid:
-            raise ValueError(f"client_update() of client {cid} returned an update of client {update.client}")
-        outside = sorted(set(update.state) - set(self.info.clients[cid].components))
-        if outside:
-            raise ComponentMismatchError(f"client {cid} uploaded components outside its slice: {outside}")
-        check_state(update.state, self.model.component_shapes(update.state), f"upload of client {cid}")
-        check_finite(update.state, "upload")
-        self.store.commit(cid, ctx.store)
-        return update
-
     def _aggregate(self, round: int, results: list[ClientUpdate], failures: list[Failure]) -> ComponentState:
         new_state = self.algorithm.aggregate(round, self.global_state, results, failures)
         check_state(new_state, shapes_of(self.global_state), f"aggregate() of {self.algorithm.label}")
@@ -367,24 +357,29 @@ class FederatedOrchestrator:
             record["held_out"] = summaries(of_clients(evaluation, self.config.holdout_clients), self.data.tasks)
         return record
 
-    def _evaluate(self, split: str) -> tuple[Evaluation, Any]:
-        assert self._evaluator is not None
-        return self._evaluator.evaluate(
-            self.round,
-            self.global_state,
-            split,
-            list(self.info.clients),
-            on_client=lambda client: self._fire("on_client_start", client, f"evaluating ({split})"),
-        )
+    def _evaluate(self, split: str) -> tuple[Evaluation, Examples]:
+        """Every client's reported models on ``split``: model -> client -> task -> metrics, and examples."""
+        evaluation: Evaluation = {}
+        examples: Examples = {}
+        for client in self.info.clients:
+            self._fire("on_client_start", client, f"evaluating ({split})")
+            received = self.info.slice_of(self.global_state, client)
+            metrics, shown = self.worker.evaluate(client, self.round, received, split)
+            for model, per_task in metrics.items():
+                evaluation.setdefault(model, {})[str(client)] = per_task
+            for model, per_task in shown.items():
+                examples.setdefault(model, {})[str(client)] = per_task
+        return evaluation, examples
 
     def _post_federation(self) -> None:
         """Fine-tune every client's global slice (the "+FT" model), run the algorithm's per-client stage."""
-        assert self._post is not None
-        todo = self._post.todo()
+        todo = [c for c in self.info.clients if c not in set(self.post_done)]
         self._fire("on_post_federation_start", todo)
         for client in todo:
             notify = partial(self._fire, "on_client_start", client)
-            record = self._post.run_client(client, self.round, self.global_state, notify=notify)
+            received = self.info.slice_of(self.global_state, client)
+            record = self.worker.post_federation(client, self.round, received, self.fine_tune, notify)
+            self.post_done.append(client)
             self._fire("on_client_end", client)
             self._fire("on_post_federation_client_end", record)
         self.algorithm.on_federation_end(self.round, self.global_state)
@@ -392,7 +387,6 @@ class FederatedOrchestrator:
         self._fire("on_post_federation_end")
 
     def _final_results(self, split: str) -> dict[str, Any]:
-        assert self._evaluator is not None
         evaluation, examples = self._evaluate(split)
         held_out = set(self.config.holdout_clients)
         results = assemble_results(
@@ -401,7 +395,7 @@ class FederatedOrchestrator:
             round=self.round,
             stopped_early=self.stopped_at is not None,
             tasks=self.data.tasks,
-            models=self._evaluator.descriptions(),
+            models=reported_models(self.algorithm, self.fine_tune and bool(self.post_done), self.finetune_description),
             clients={
                 str(c.id): {"tasks": list(c.tasks), "held_out": c.id in held_out, **self.client_records[c.id]}
                 for c in self.data.clients
@@ -441,17 +435,16 @@ class FederatedOrchestrator:
         """Everything a resumed run needs but the global model: the loop's position, the algorithm's server
         state, every client's store and record, the post-federation progress, the callbacks' states and the
         random generators."""
-        assert self._post is not None
         return {
             "round": self.round,
             "finalized": self.finalized,
             "stopped_at": self.stopped_at,
-            "post_federation": self._post.state_dict(),
+            "post_federation": {"done": list(self.post_done)},
             "fingerprint": self.fingerprint(),
             "config": self.resolved_config(),
             "federation": asdict(self.config),
             "algorithm": self.algorithm.state_dict(),
-            "client_store": self.store.state_dict(),
+            **self.worker.state_dict(),
             "clients": {str(c): dict(r) for c, r in self.client_records.items()},
             "callbacks": {name: callback.state_dict() for name, callback in self._named_callbacks().items()},
             "rng": rng_state(),
@@ -459,13 +452,12 @@ class FederatedOrchestrator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (the fingerprint and configuration are checked before, by the caller)."""
-        assert self._post is not None
         self.round = int(state["round"])
         self.finalized = bool(state["finalized"])
         self.stopped_at = None if state["stopped_at"] is None else int(state["stopped_at"])
-        self._post.load_state_dict(state["post_federation"])
+        self.post_done = [int(c) for c in state["post_federation"]["done"]]
         self.algorithm.load_state_dict(state["algorithm"])
-        self.store.load_state_dict(state["client_store"])
+        self.worker.load_state_dict(state)
         self.client_records = {int(c): {**new_client_record(), **r} for c, r in state["clients"].items()}
         saved = state["callbacks"]
         for name, callback in self._named_callbacks().items():
@@ -502,13 +494,12 @@ class FederatedOrchestrator:
             raise RunDirError(
                 f"The checkpoint is at round {self.round}, beyond --federation.rounds {self.config.rounds}."
             )
-        assert self._post is not None
-        post_stage = self.finalized or bool(self._post.done)
+        post_stage = self.finalized or bool(self.post_done)
         if post_stage and self.round < self.config.rounds and self.stopped_at is None:
             raise RunDirError(
                 f"The checkpoint is from the post-federation stage after round {self.round}; to run more rounds "
                 f"resume from {self.run_dir.checkpoints / self.run_dir.round_checkpoint_name(self.round)}."
             )
-        done = set(self._post.done)
+        done = set(self.post_done)
         self._rank_zero(self.run_dir.truncate_metrics, lambda r: r["round"] <= self.round)
         self._rank_zero(self.run_dir.truncate_metrics, lambda r: r["client"] in done, POST_FEDERATION_METRICS)

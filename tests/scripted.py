@@ -155,6 +155,6 @@ def engine_context(
         engine.info.clients[client],
         round,
         engine.info.slice_of(engine.global_state, client) if received is None else received,
-        store=engine.store.checkout(client) if store is None else store,
+        store=engine.worker.store.checkout(client) if store is None else store,
         stage=stage,
     )

@@ -154,3 +154,34 @@ def test_a_user_named_lightning_logger_replaces_tensorboard(assets: dict[str, Pa
     rows = list(csv.DictReader(metrics.open()))
     assert {"comm/bytes_up", "global/sentiment/accuracy"} <= set(rows[0])
     assert sorted({int(r["step"]) for r in rows}) == [1, 2]
+
+
+def test_every_piece_of_client_work_goes_through_the_client_worker(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round loop hands a client only what it receives and gets back only what it reports: the seam a
+    distributed runtime replaces."""
+    monkeypatch.setattr(sys, "argv", ["tapl"])
+    run_dir = tmp_path / "run"
+    engine = orchestrator(tiny_config(assets, run_dir, eval_every=2), run_dir, Recorder(), rounds=2)
+    engine.setup()
+    calls: list[tuple[str, int]] = []
+    worker = engine.worker
+    for name in ("visit", "evaluate", "post_federation"):
+        method = getattr(worker, name)
+
+        def recording(*args: Any, _name: str = name, _method: Any = method, **kwargs: Any) -> Any:
+            client = args[1].client if _name == "visit" else args[0]
+            calls.append((_name, client))
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(worker, name, recording)
+    monkeypatch.setattr(engine, "setup", lambda check_values=True: None)  # keep the recording worker
+    engine.fit()
+    records = [r for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    assert len(records) == 2
+    visits = [c for name, c in calls if name == "visit"]
+    assert len(visits) == 2 * 2  # two rounds of two sampled clients
+    # Evaluation after round 2 (val) and at the end (test), post-federation once: every client each time.
+    assert [c for name, c in calls if name == "evaluate"] == [0, 1, 2, 3] * 2
+    assert [c for name, c in calls if name == "post_federation"] == [0, 1, 2, 3]

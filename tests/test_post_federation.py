@@ -43,8 +43,10 @@ def test_every_algorithm_with_a_global_model_reports_its_fine_tuned_variant(
     post = jsonl(run_dir / "post_federation.jsonl")
     assert [r["client"] for r in post] == [0, 1, 2, 3]
     assert set(post[2]["finetune_loss"]) == {"sentiment", "shapes"}
-    finetuned = torch.load(run_dir / "checkpoints" / "final" / "state.pt", weights_only=True)["post_federation"]
-    assert sorted(finetuned["finetuned"]) == ["0", "1", "2", "3"]
+    final = torch.load(run_dir / "checkpoints" / "final" / "state.pt", weights_only=True)
+    assert final["post_federation"]["done"] == [0, 1, 2, 3]
+    assert sorted(final["engine_store"]) == ["0", "1", "2", "3"]
+    assert all(set(store) == {"global+FT"} for store in final["engine_store"].values())
     assert "| 2 | shapes | FedAvg+FT |" in (run_dir / "results.md").read_text()
 
 

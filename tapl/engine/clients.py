@@ -3,38 +3,50 @@ client work needs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tapl.algorithms.base import Algorithm
-from tapl.api import ClientInfo, FederationInfo, Stage
-from tapl.components import ComponentState
+from tapl.api import ClientInfo, ClientUpdate, FederationInfo, Instruction, Stage
+from tapl.components import ComponentMismatchError, ComponentShapes, ComponentState, check_finite, check_state
 from tapl.context import ClientContext
 from tapl.datamodules.federated import FederatedDataModule
 from tapl.engine.client_store import ClientStore
 from tapl.engine.config import FederationConfig
+from tapl.engine.evaluation import FINETUNED, evaluate_models
 from tapl.engine.local_training import LocalTraining
+from tapl.engine.post_federation import post_federation
 from tapl.models.foundation import FoundationModel
+from tapl.reported import ReportedModel
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
 
-@dataclass(frozen=True)
-class Clients:
-    """The federation, the algorithm, local training and every client's store.
+class ClientWorker:
+    """The client side of the engine: runs any client's work (a visit, an evaluation, the post-federation stage)
+    on the local training it is given, and keeps every client's store.
 
-    Attributes:
+    The server side (the round loop) only sends it what a client receives and gets back what the client
+    reports; on a distributed runtime the same work runs where the client's data are.
+
+    Args:
         info: The federation.
         algorithm: The algorithm whose client side runs.
         training: Fits and evaluates states on a client's data.
-        store: Every client's own state.
+        shapes: The shapes of every component's tensors (uploads are checked against them).
     """
 
-    info: FederationInfo
-    algorithm: Algorithm
-    training: LocalTraining
-    store: ClientStore
+    def __init__(
+        self, info: FederationInfo, algorithm: Algorithm, training: LocalTraining, shapes: ComponentShapes
+    ) -> None:
+        self.info = info
+        self.algorithm = algorithm
+        self.training = training
+        self.shapes = shapes
+        #: Every client's own state, as the algorithm keeps it (``ctx.store``).
+        self.store = ClientStore()
+        #: Every client's engine-made models: its fine-tuned global slice under :data:`FINETUNED`.
+        self.engine_store = ClientStore()
 
     def context(
         self,
@@ -55,6 +67,68 @@ class Clients:
             store=self.store.checkout(client),
             stage=stage,
         )
+
+    def visit(self, round: int, instruction: Instruction) -> ClientUpdate:
+        """One client's visit: its checked upload. The client's store keeps the visit's changes only when all went
+        well.
+
+        Raises:
+            Exception: whatever the visit raised, or a check of its upload or store failed on.
+        """
+        client = instruction.client
+        ctx = self.context(client, round, instruction.state, config=instruction.config)
+        update = self.algorithm.client_update(ctx)
+        check_upload(update, self.info.clients[client], self.shapes)
+        self.store.commit(client, ctx.store)
+        return update
+
+    def evaluate(
+        self, client: int, round: int, received: ComponentState, split: str
+    ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, list[dict[str, str]]]]]:
+        """Every model the client reports (the algorithm's, and its fine-tuned global slice once made) on its
+        ``split``: metrics per model key and task, and readable predictions per model key and task."""
+        ctx = self.context(client, round, received, "evaluation")
+        models: list[ReportedModel] = []
+        for model in self.algorithm.models():
+            models.append(model)
+            if model.key == "global" and client in self.engine_store:
+                models.append(ReportedModel(FINETUNED, f"{model.label}+FT", "", self._finetuned))
+        return evaluate_models(ctx, models, self.training, split)
+
+    def _finetuned(self, ctx: ClientContext) -> ComponentState:
+        return self.engine_store.checkout(ctx.client.id)[FINETUNED]
+
+    def post_federation(
+        self, client: int, round: int, received: ComponentState, fine_tune: bool, notify: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """One client's post-federation stage (see :func:`~tapl.engine.post_federation.post_federation`); returns
+        its ``post_federation.jsonl`` record."""
+        ctx = self.context(client, round, received, "post-federation")
+        record, finetuned = post_federation(ctx, self.algorithm, fine_tune, notify)
+        self.store.commit(client, ctx.store)
+        if finetuned is not None:
+            self.engine_store.commit(client, {FINETUNED: finetuned})
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every client's store and engine-made models."""
+        return {"client_store": self.store.state_dict(), "engine_store": self.engine_store.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.store.load_state_dict(state["client_store"])
+        self.engine_store.load_state_dict(state["engine_store"])
+
+
+def check_upload(update: ClientUpdate, client: ClientInfo, shapes: ComponentShapes) -> None:
+    """Refuse an upload of another client, outside the client's slice, misshapen or with non-finite values."""
+    if update.client != client.id:
+        raise ValueError(f"client_update() of client {client.id} returned an update of client {update.client}")
+    outside = sorted(set(update.state) - set(client.components))
+    if outside:
+        raise ComponentMismatchError(f"client {client.id} uploaded components outside its slice: {outside}")
+    check_state(update.state, {c: shapes[c] for c in update.state}, f"upload of client {client.id}")
+    check_finite(update.state, "upload")
 
 
 def describe(

@@ -1,13 +1,13 @@
-"""Evaluation: every reported model of every client on a split, and the summaries across clients."""
+"""Evaluation: a client's reported models on a split (client side), and the summaries across clients (server side)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tapl.components import ComponentState
+from tapl.algorithms.base import Algorithm
 from tapl.context import ClientContext
-from tapl.engine.clients import Clients
+from tapl.engine.local_training import LocalTraining
 from tapl.reported import ReportedModel
 from tapl.reporting import summarize, summarize_distribution
 from tapl.tasks import Task
@@ -18,68 +18,40 @@ Evaluation = dict[str, dict[str, dict[str, dict[str, float]]]]
 Examples = dict[str, dict[str, dict[str, list[dict[str, str]]]]]
 
 
-class Evaluator:
-    """Evaluates the models an algorithm reports (plus the engine's "+FT" model) on every client.
+#: The key of the engine's fine-tuned global slice among a client's models.
+FINETUNED = "global+FT"
 
-    Args:
-        clients: The client side (the algorithm's :meth:`~tapl.algorithms.Algorithm.models` are evaluated; a
-            model may fit first, e.g. adapt).
-        finetuned: Each client's fine-tuned global slice, once the post-federation stage made it.
-        finetune_description: How the "+FT" model was made, for the results.
-    """
 
-    def __init__(self, clients: Clients, finetuned: Mapping[int, ComponentState], finetune_description: str) -> None:
-        self.clients = clients
-        self.finetuned = finetuned
-        self.finetune_description = finetune_description
+def reported_models(algorithm: Algorithm, finetuned: bool, finetune_description: str) -> dict[str, dict[str, str]]:
+    """The models reported per client, by key: their ``label`` and ``description`` (``results.json``'s
+    ``models``); with ``finetuned``, the engine's "+FT" model follows the global one."""
+    models: dict[str, dict[str, str]] = {}
+    for model in algorithm.models():
+        models[model.key] = {"label": model.label, "description": model.description}
+        if model.key == "global" and finetuned:
+            models[FINETUNED] = {"label": f"{model.label}+FT", "description": finetune_description}
+    return models
 
-    def models(self) -> list[ReportedModel]:
-        """The reported models: the algorithm's, with "+FT" after the global one once fine-tuning ran."""
-        models = []
-        for model in self.clients.algorithm.models():
-            models.append(model)
-            if model.key == "global" and self.finetuned:
-                label = f"{model.label}+FT"
-                models.append(ReportedModel("global+FT", label, self.finetune_description, self._finetuned))
-        return models
 
-    def descriptions(self) -> dict[str, dict[str, str]]:
-        """The reported models by key: their ``label`` and ``description`` (``results.json``'s ``models``)."""
-        return {m.key: {"label": m.label, "description": m.description} for m in self.models()}
-
-    def _finetuned(self, ctx: ClientContext) -> ComponentState | None:
-        return self.finetuned.get(ctx.client.id)
-
-    def evaluate(
-        self,
-        round: int,
-        global_state: ComponentState,
-        split: str,
-        clients: Sequence[int],
-        on_client: Callable[[int], None] = lambda client: None,
-    ) -> tuple[Evaluation, Examples]:
-        """Every reported model of every client of ``clients`` on ``split``, and readable predictions.
-
-        A model that is another one's very state (FedAvg's personalized model is its global one) is evaluated
-        once.
-        """
-        results: Evaluation = {}
-        examples: Examples = {}
-        models = self.models()
-        for client in clients:
-            on_client(client)
-            ctx = self.clients.context(client, round, self.clients.info.slice_of(global_state, client), "evaluation")
-            evaluated: dict[int, dict[str, dict[str, float]]] = {}
-            for model in models:
-                state = model.state(ctx)
-                if state is None:
-                    continue
-                if id(state) not in evaluated:
-                    evaluated[id(state)] = self.clients.training.evaluate(ctx.client, state, split)
-                    if self.clients.training.last_examples:
-                        examples.setdefault(model.key, {})[str(client)] = self.clients.training.last_examples
-                results.setdefault(model.key, {})[str(client)] = evaluated[id(state)]
-        return results, examples
+def evaluate_models(
+    ctx: ClientContext, models: Sequence[ReportedModel], training: LocalTraining, split: str
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, list[dict[str, str]]]]]:
+    """One client's models on its ``split`` (client side): metrics per model key and task, and readable
+    predictions per model key and task. A model that is another one's very state (FedAvg's personalized model
+    is its global one) is evaluated once."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    examples: dict[str, dict[str, list[dict[str, str]]]] = {}
+    evaluated: dict[int, dict[str, dict[str, float]]] = {}
+    for model in models:
+        state = model.state(ctx)
+        if state is None:
+            continue
+        if id(state) not in evaluated:
+            evaluated[id(state)] = training.evaluate(ctx.client, state, split)
+            if training.last_examples:
+                examples[model.key] = training.last_examples
+        results[model.key] = evaluated[id(state)]
+    return results, examples
 
 
 def of_clients(evaluation: Mapping[str, Mapping[str, Any]], clients: Sequence[int]) -> dict[str, dict[str, Any]]:

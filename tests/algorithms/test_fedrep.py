@@ -188,7 +188,7 @@ def visit(
     training = RecordingTraining(orchestrator.training)
     ctx = engine_context(orchestrator, client, round, training=training)
     update = orchestrator.algorithm.client_update(ctx)
-    orchestrator.store.commit(client, ctx.store)
+    orchestrator.worker.store.commit(client, ctx.store)
     return training, ctx, update
 
 
@@ -214,7 +214,7 @@ def test_a_visit_trains_the_heads_alone_then_the_body_alone_and_uploads_the_body
 
     assert set(update.state) == body
     assert same(update.state, select(body_fit.state, body))
-    assert same(orchestrator.store.checkout(2), {"heads": select(head_fit.state, HEADS)})
+    assert same(orchestrator.worker.store.checkout(2), {"heads": select(head_fit.state, HEADS)})
     for task_name in ("sentiment", "shapes"):
         assert f"head_loss/{task_name}" in update.metrics and f"body_loss/{task_name}" in update.metrics
 
@@ -230,7 +230,7 @@ def test_heads_stay_on_their_client_and_the_servers_heads_never_change(
     assert same(select(orchestrator.global_state, server_heads), select(initial, server_heads))
     assert changed(initial, orchestrator.global_state) == set(orchestrator.info.clients[2].components) - HEADS
 
-    heads_after_first = orchestrator.store.checkout(2)["heads"]
+    heads_after_first = orchestrator.worker.store.checkout(2)["heads"]
     training, _, _ = visit(orchestrator, 2, 2)
     head_start = training.fits[0][0]
     # The second visit starts from the new global body and the client's own heads from its first visit.
@@ -239,7 +239,7 @@ def test_heads_stay_on_their_client_and_the_servers_heads_never_change(
     assert same(select(head_start, sorted(HEADS)), heads_after_first)
     assert not same(heads_after_first, select(initial, sorted(HEADS)))
     # Client 0's heads (sentiment only) are its own, untouched by client 2's visits.
-    heads_0, heads_2 = orchestrator.store.checkout(0)["heads"], orchestrator.store.checkout(2)["heads"]
+    heads_0, heads_2 = orchestrator.worker.store.checkout(0)["heads"], orchestrator.worker.store.checkout(2)["heads"]
     assert set(heads_0) == {"head[sentiment]"}
     assert not same(heads_0["head[sentiment]"], heads_2["head[sentiment]"])
 
@@ -307,7 +307,7 @@ def test_a_run_reports_only_the_personalized_model_for_every_client_and_task(two
     assert {key: info["label"] for key, info in final["models"].items()} == {"personalized": "FedRep"}
     assert {c: set(tasks) for c, tasks in final["per_client"]["personalized"].items()} == CLIENT_TASKS
     # No global model, so no "+FT" fine-tuning either.
-    assert final_state(two_rounds)["post_federation"]["finetuned"] == {}
+    assert final_state(two_rounds)["engine_store"] == {}
     records = [json.loads(line) for line in (two_rounds / "metrics.jsonl").read_text().splitlines()]
     visited = {str(c) for r in records for c in r["sampled_clients"]}
     stores = final_state(two_rounds)["client_store"]
