@@ -142,6 +142,8 @@ class FederatedOrchestrator:
         self._worker: ClientWorker | None = None
         #: Clients whose post-federation stage is done, in order.
         self.post_done: list[int] = []
+        #: Whether the post-federation stage fine-tunes each client's global slice (the "+FT" model); set up with
+        #: the algorithm.
         self.fine_tune = False
 
     # -- what callbacks and algorithms see ----------------------------------------------------------------
@@ -252,7 +254,6 @@ class FederatedOrchestrator:
         )
         self.algorithm.setup(self._info)
         has_global = any(m.key == "global" for m in self.algorithm.models())
-        #: Whether the post-federation stage fine-tunes each client's global slice (the "+FT" model).
         self.fine_tune = has_global and self.config.finetune_steps > 0
         self._worker = ClientWorker(self._info, self.algorithm, self.training, self.model.component_shapes())
 
