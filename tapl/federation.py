@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
@@ -29,6 +29,7 @@ from tapl.algorithms.base import Algorithm
 from tapl.api import ClientUpdate, Failure, FederationInfo
 from tapl.client import OptimizerFactory
 from tapl.components import (
+    ComponentShapes,
     ComponentState,
     check_state,
     non_finite_components,
@@ -140,6 +141,11 @@ class FederatedOrchestrator:
         ]
         self._info: FederationInfo | None = None
         self._worker: ClientWorker | None = None
+        #: Builds the client side at set-up from the federation, the algorithm, the local training and the
+        #: component shapes; a distributed runtime puts a proxy of its nodes here (see :mod:`tapl.runtimes`).
+        self.worker_factory: Callable[[FederationInfo, Algorithm, LocalTraining, ComponentShapes], ClientWorker] = (
+            ClientWorker
+        )
         #: Clients whose post-federation stage is done, in order.
         self.post_done: list[int] = []
         #: Whether the post-federation stage fine-tunes each client's global slice (the "+FT" model); set up with
@@ -255,7 +261,7 @@ class FederatedOrchestrator:
         self.algorithm.setup(self._info)
         has_global = any(m.key == "global" for m in self.algorithm.models())
         self.fine_tune = has_global and self.config.finetune_steps > 0
-        self._worker = ClientWorker(self._info, self.algorithm, self.training, self.model.component_shapes())
+        self._worker = self.worker_factory(self._info, self.algorithm, self.training, self.model.component_shapes())
 
     @property
     def finetune_description(self) -> str:
