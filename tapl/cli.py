@@ -28,7 +28,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import Namespace, lazy_instance
@@ -42,6 +43,7 @@ import tapl.algorithms
 from tapl import compare
 from tapl.algorithms import Algorithm, FedAvg
 from tapl.datamodules.federated import FederatedDataModule
+from tapl.engine.clients import ClientWorker
 from tapl.errors import Stopped, TaplError
 from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.models.foundation import FoundationModel
@@ -79,7 +81,13 @@ class Commands:
         self.orchestrator = orchestrator
         self.comparison = comparison
 
-    def fit(self, model: Any = None, datamodule: Any = None, ckpt_path: str | None = None) -> None:
+    def fit(
+        self,
+        model: Any = None,
+        datamodule: Any = None,
+        ckpt_path: str | None = None,
+        runtime: Literal["inprocess", "flower"] = "inprocess",
+    ) -> None:
         """Run a federation (or resume one with --ckpt_path last), then test it.
 
         Args:
@@ -88,11 +96,22 @@ class Commands:
             ckpt_path: Resume from ``last`` (the newest checkpoint of the run directory; without --run_dir, of
                 the newest version_N under --run_root) or from a checkpoint directory, such as
                 RUN_DIR/checkpoints/round-000004; unset: a new run.
+            runtime: Where the clients run: ``inprocess`` (one after another in this process) or ``flower``
+                (Flower's simulation runtime, one SuperNode per client; needs ``pip install -e '.[flower]'``).
         """
         assert self.orchestrator is not None, "fit needs the federation that TaplCLI builds"
-        self.orchestrator.fit(ckpt_path=ckpt_path)
+        if runtime == "flower":
+            flower_runtime().simulate(self.orchestrator, node_worker, ckpt_path)
+        else:
+            self.orchestrator.fit(ckpt_path=ckpt_path)
 
-    def test(self, model: Any = None, datamodule: Any = None, ckpt_path: str | None = "last") -> None:
+    def test(
+        self,
+        model: Any = None,
+        datamodule: Any = None,
+        ckpt_path: str | None = "last",
+        runtime: Literal["inprocess", "flower"] = "inprocess",
+    ) -> None:
         """Evaluate a checkpointed federation on every client's test split.
 
         Args:
@@ -100,8 +119,14 @@ class Commands:
             datamodule: Unused: the orchestrator holds the data.
             ckpt_path: ``last`` or unset (the newest checkpoint of the run directory; without --run_dir, of the
                 newest version_N under --run_root) or a checkpoint directory, such as RUN_DIR/checkpoints/final.
+            runtime: Where the clients run; only ``inprocess`` tests a checkpoint for now.
         """
         assert self.orchestrator is not None, "test needs the federation that TaplCLI builds"
+        if runtime != "inprocess":
+            raise TaplError(
+                f"tapl test --runtime {runtime} is not supported yet: give --runtime inprocess (a run on Flower keeps "
+                "its clients' stores on their nodes, so its personalized models are not in the checkpoint)"
+            )
         self.orchestrator.test(ckpt_path=ckpt_path)
 
     def compare(
@@ -241,6 +266,8 @@ class TaplCLI(LightningCLI):
         """Fail before anything is built on what the parser cannot check: compare's lists, the checkpoint."""
         if self.config.get("subcommand") == "compare":
             compare.compare_options(config["algorithms"], config["seeds"], config["baseline"], config["jobs"])
+        if config.get("runtime") == "flower":
+            flower_runtime()  # before the model is built: Flower is an optional extra
         ckpt_path = config.get("ckpt_path")
         if ckpt_path not in (None, "last") and not (Path(ckpt_path) / "state.pt").is_file():
             raise RunDirError(
@@ -319,6 +346,44 @@ class TaplCLI(LightningCLI):
             check=self.parser.parse_args,
             command=" ".join(["tapl compare", *self._compare_argv]),
         )
+
+
+def flower_runtime() -> ModuleType:
+    """:mod:`tapl.runtimes.flower`, imported only when asked for: Flower is an optional extra.
+
+    Raises:
+        TaplError: if Flower is not installed, saying how to install it.
+    """
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise TaplError("--runtime flower needs Flower: pip install -e '.[flower]'") from None
+    from tapl.runtimes import flower
+
+    return flower
+
+
+class _NodeCLI(TaplCLI):
+    """The federation of a config as a node of a distributed runtime builds it: the server holds the run
+    directory (and its lock), so the node neither chooses nor checks one."""
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        pass
+
+
+#: Options of ``tapl fit`` that are not part of the federation (a node builds its client side without them).
+_COMMAND_OPTIONS = ("ckpt_path", "runtime")
+
+
+def node_worker(config_text: str) -> ClientWorker:
+    """The client side of the federation of ``config_text`` (a run's resolved ``fit`` config), as a node of a
+    distributed runtime runs it: set up, its data's values not checked again (the server checked them)."""
+    config = {k: v for k, v in yaml.safe_load(config_text).items() if k not in _COMMAND_OPTIONS}
+    orchestrator = _NodeCLI(args=config, run=False).orchestrator
+    assert orchestrator is not None, "TaplCLI builds the orchestrator without a subcommand"
+    orchestrator.setup(check_values=False)
+    return orchestrator.worker
 
 
 def _check_no_run(run_dir: Path, run_root: str) -> None:

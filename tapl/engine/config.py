@@ -20,6 +20,7 @@ RESUMABLE_SETTINGS = (
     "run_dir",
     "run_root",
     "ckpt_path",
+    "runtime",
 )
 
 
