@@ -16,8 +16,9 @@ from tapl.algorithms import ClientContext, ClientUpdate, FedAvg
 from tapl.cli import TaplCLI
 from tapl.engine.callbacks import Engine, EngineCallback
 from tapl.engine.client_store import ClientStateError, ClientStore
+from tapl.engine.clients import STORES_ON_NODES
 from tapl.federation import FederatedOrchestrator, FederationConfig
-from tapl.run_dir import RunDirectory
+from tapl.run_dir import RunDirectory, RunDirError
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 
@@ -185,3 +186,13 @@ def test_every_piece_of_client_work_goes_through_the_client_worker(
     # Evaluation after round 2 (val) and at the end (test), post-federation once: every client each time.
     assert [c for name, c in calls if name == "evaluate"] == [0, 1, 2, 3] * 2
     assert [c for name, c in calls if name == "post_federation"] == [0, 1, 2, 3]
+
+
+def test_a_checkpoint_whose_stores_stayed_on_the_nodes_is_refused_in_process(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["tapl"])
+    engine = orchestrator(tiny_config(assets, tmp_path / "run"), tmp_path / "run", Recorder(), rounds=2)
+    engine.setup()
+    with pytest.raises(RunDirError, match="stores on their nodes"):
+        engine.worker.load_state_dict({"client_store": {}, "engine_store": {}, STORES_ON_NODES: True})

@@ -19,7 +19,11 @@ from tapl.engine.local_training import LocalTraining
 from tapl.engine.post_federation import post_federation
 from tapl.models.foundation import FoundationModel
 from tapl.reported import ReportedModel
+from tapl.run_dir import RunDirError
 from tapl.visit_trainer import VisitTrainers, quiet_lightning
+
+#: Marks the checkpoint of a run whose clients' stores stayed on their nodes (not in the checkpoint).
+STORES_ON_NODES = "stores_on_nodes"
 
 
 class ClientWorker:
@@ -115,7 +119,17 @@ class ClientWorker:
         return {"client_store": self.store.state_dict(), "engine_store": self.engine_store.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            RunDirError: for a checkpoint of a run whose clients' stores stayed on their nodes (a distributed
+                runtime): resumed here, every client would silently start from an empty store.
+        """
+        if state.get(STORES_ON_NODES):
+            raise RunDirError(
+                "The checkpoint is of a run whose clients kept their stores on their nodes (--runtime flower); "
+                "those stores are not in it, so it cannot be resumed or tested in this process."
+            )
         self.store.load_state_dict(state["client_store"])
         self.engine_store.load_state_dict(state["engine_store"])
 

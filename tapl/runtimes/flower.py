@@ -33,7 +33,7 @@ from flwr.simulation import run_simulation
 from tapl.algorithms.base import Algorithm
 from tapl.api import ClientUpdate, FederationInfo, Instruction
 from tapl.components import ComponentShapes, ComponentState, flatten, unflatten
-from tapl.engine.clients import ClientWorker, check_upload
+from tapl.engine.clients import STORES_ON_NODES, ClientWorker, check_upload
 from tapl.engine.local_training import LocalTraining
 from tapl.errors import TaplError
 from tapl.federation import FederatedOrchestrator
@@ -326,7 +326,7 @@ class FlowerWorker(ClientWorker):
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing of the clients: their stores live on their nodes."""
-        return {"client_store": {}, "engine_store": {}}
+        return {"client_store": {}, "engine_store": {}, STORES_ON_NODES: True}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Accept a checkpoint without client stores only (those of an in-process run cannot be sent to nodes).
