@@ -333,12 +333,14 @@ class FlowerWorker(ClientWorker):
 
         Raises:
             ValueError: if the checkpoint holds client stores.
+            RunDirError: for a Flower run's checkpoint (simulated nodes lose their stores when a run ends).
         """
         if state["client_store"] or state["engine_store"]:
             raise ValueError(
                 "the checkpoint holds client stores of an in-process run: the Flower runtime keeps them on the "
                 "nodes and cannot resume it; resume with --runtime inprocess"
             )
+        super().load_state_dict(state)  # refuses a Flower run's checkpoint: its nodes' stores are not in it
 
 
 def server_app(orchestrator: FederatedOrchestrator, ckpt_path: str | None, outcome: dict[str, Any]) -> ServerApp:

@@ -79,7 +79,7 @@ class CountingAndFailing(FedAvg):
 @pytest.mark.slow
 @needs_flower
 def test_on_flower_a_store_stays_on_its_node_and_a_failing_client_is_a_failure_of_its_round(
-    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The simulated nodes import this module by name to build the algorithm of the config.
     tests, root = Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2]
@@ -97,3 +97,21 @@ def test_on_flower_a_store_stays_on_its_node_and_a_failing_client_is_a_failure_o
     for record in (*expected, *got):
         record.pop("failed_clients")
     assert got == expected
+
+    # Its checkpoints hold no client stores: resuming it, in process or on Flower, is refused, not started afresh.
+    for runtime in ("inprocess", "flower"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            fit_tiny(
+                tmp_path / "flower",
+                assets,
+                *args,
+                "--runtime",
+                runtime,
+                "--ckpt_path",
+                "last",
+                rounds=4,
+                clients_per_round=4,
+            )
+        assert stopped.value.code == 1
+        assert "those stores are not in it, so it cannot be resumed" in capsys.readouterr().err
