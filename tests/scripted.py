@@ -3,6 +3,7 @@ description built from plain tensors, so that an algorithm's hooks can be checke
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import Tensor
 from tapl.api import ClientInfo, FederationInfo, FitResult, Stage
 from tapl.components import ComponentState, clone
 from tapl.context import ClientContext, LocalTraining
+from tapl.engine.client_store import ClientStore
 from tapl.federation import FederatedOrchestrator
 from tapl.objective import Objective, TrainingStep
 from tapl.tasks import Task
@@ -158,3 +160,13 @@ def engine_context(
         store=engine.worker.store.checkout(client) if store is None else store,
         stage=stage,
     )
+
+
+def through_checkpoint(store: ClientStore) -> ClientStore:
+    """``store`` saved as a checkpoint saves it (``torch.save``) and loaded back with the safe loader."""
+    saved = io.BytesIO()
+    torch.save(store.state_dict(), saved)
+    saved.seek(0)
+    restored = ClientStore()
+    restored.load_state_dict(torch.load(saved, weights_only=True))
+    return restored

@@ -3,7 +3,6 @@ it reports, and full runs."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -14,7 +13,7 @@ import pytest
 import torch
 from helpers import fit_tiny, tiny_config
 from helpers import read_results as results
-from scripted import ScriptedTraining, Shift, context, engine_context, federation
+from scripted import ScriptedTraining, Shift, context, engine_context, federation, through_checkpoint
 
 from tapl.algorithms import ClientContext, ClientUpdate, Ditto
 from tapl.algorithms.proximal import Proximal
@@ -160,11 +159,7 @@ def test_the_stores_round_trip_a_checkpoint_and_the_server_keeps_nothing() -> No
     for client in (0, 3):
         committed_visit(ditto, clients, 1, global_slice(0.0), client=client)
     assert ditto.state_dict() == {}  # every personal model lives in the client's store
-    saved = io.BytesIO()
-    torch.save(clients.state_dict(), saved)
-    saved.seek(0)
-    restored = ClientStore()
-    restored.load_state_dict(torch.load(saved, weights_only=True))
+    restored = through_checkpoint(clients)
     assert list(restored) == [0, 3]
     for store in (clients, restored):
         committed_visit(make_ditto(), store, 2, global_slice(1.0))

@@ -3,7 +3,6 @@ client's store, the model it reports, and runs."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -16,7 +15,7 @@ from helpers import fit_tiny, tiny_config
 from helpers import read_records as records
 from helpers import read_results as results
 from safetensors.torch import load_file
-from scripted import ScriptedTraining, context, engine_context, federation, with_slices
+from scripted import ScriptedTraining, context, engine_context, federation, through_checkpoint, with_slices
 
 from tapl.algorithms import ClientContext, ClientUpdate, FedRep
 from tapl.api import ClientInfo, FitResult
@@ -129,11 +128,7 @@ def test_the_stores_round_trip_a_checkpoint_and_the_server_keeps_nothing() -> No
     for client in (0, 1):
         scripted_visit(fedrep, clients, client, INFO.slice_of(INITIAL, client), ScriptedTraining())
     assert fedrep.state_dict() == {}
-    saved = io.BytesIO()
-    torch.save(clients.state_dict(), saved)
-    saved.seek(0)
-    restored = ClientStore()
-    restored.load_state_dict(torch.load(saved, weights_only=True))
+    restored = through_checkpoint(clients)
     assert same(restored.state_dict(), clients.state_dict())
     assert set(restored.checkout(1)["heads"]) == {HEAD_B}
     for client in (0, 1):

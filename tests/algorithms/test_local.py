@@ -3,7 +3,6 @@ up, nothing is aggregated, only local models are reported, and a resumed run equ
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from helpers import fit_tiny
 from helpers import read_records as records
 from helpers import read_results as results
 from safetensors.torch import load_file
-from scripted import ScriptedTraining, context, engine_context, federation, with_slices
+from scripted import ScriptedTraining, context, engine_context, federation, through_checkpoint, with_slices
 
 from tapl.algorithms import ClientContext, ClientUpdate, Failure, Local
 from tapl.components import ComponentState, clone, flatten, select
@@ -135,11 +134,7 @@ def test_the_stores_round_trip_a_checkpoint_and_the_server_keeps_nothing() -> No
     visit(local, clients, client=0, round=1)
     visit(local, clients, client=3, round=1)
     assert local.state_dict() == {}
-    saved = io.BytesIO()
-    torch.save(clients.state_dict(), saved)
-    saved.seek(0)
-    restored = ClientStore()
-    restored.load_state_dict(torch.load(saved, weights_only=True))
+    restored = through_checkpoint(clients)
     for client in (0, 3, 5):
         assert same(personalized(local, restored, client), personalized(local, clients, client))
 
