@@ -47,7 +47,7 @@ from tapl.engine.checkpointing import (
     rng_state,
     set_rng_state,
 )
-from tapl.engine.clients import ClientWorker, describe
+from tapl.engine.clients import ClientUnreachable, ClientWorker, Evaluated, describe
 from tapl.engine.config import RESUMABLE_SETTINGS, FederationConfig
 from tapl.engine.evaluation import Evaluation, Examples, of_clients, reported_models, summaries
 from tapl.engine.local_training import LocalTraining, default_optimizer
@@ -301,26 +301,26 @@ class FederatedOrchestrator:
             raise FederationError(f"configure_round() of {self.algorithm.label} chose non-participants {strangers}")
         clients = [i.client for i in instructions]
         self._fire("on_round_start", round, clients)
+        outcomes: dict[int, ClientUpdate | Exception] = {}
+        for cid, outcome in self.worker.visit_all(round, instructions, partial(self._started, "training")):
+            outcomes[cid] = outcome
+            self._fire("on_client_end", cid)
         results: list[ClientUpdate] = []
         failures: list[Failure] = []
         bytes_down = bytes_up = 0
-        for instruction in instructions:
-            cid = instruction.client
-            self._fire("on_client_start", cid, "training")
+        for instruction in instructions:  # in the order configure_round gave, however the outcomes came
+            cid, outcome = instruction.client, outcomes[instruction.client]
             bytes_down += num_bytes(instruction.state)
             self.client_records[cid]["visits"] += 1
-            try:
-                update = self.worker.visit(round, instruction)
-            except Exception as error:  # a failing client must not stop the federation
-                failures.append(Failure(cid, f"{type(error).__name__}: {error}"))
+            if isinstance(outcome, Exception):  # a failing client must not stop the federation
+                failures.append(Failure(cid, f"{type(outcome).__name__}: {outcome}"))
                 self.client_records[cid]["failures"] += 1
                 log.warning("Round %d: client %d excluded from aggregation: %s", round, cid, failures[-1].error)
-                log.debug("".join(traceback.format_exception(error)))
+                log.debug("".join(traceback.format_exception(outcome)))
             else:
-                results.append(update)
+                results.append(outcome)
                 self.client_records[cid]["last_visit"] = round
-                bytes_up += num_bytes(update.state)
-            self._fire("on_client_end", cid)
+                bytes_up += num_bytes(outcome.state)
         if not results:
             raise FederationError(
                 f"Round {round}: every sampled client failed: { {str(f.client): f.error for f in failures} }"
@@ -357,35 +357,49 @@ class FederatedOrchestrator:
 
     def _validation(self) -> dict[str, Any]:
         """A round's evaluation on the validation splits, with its summaries."""
-        evaluation = self._evaluate("val")[0]
+        evaluation, _, unreachable = self._evaluate("val")
         record: dict[str, Any] = {"eval": evaluation}
+        if unreachable:
+            record["unevaluated_clients"] = unreachable
         record.update(summaries(of_clients(evaluation, self.participants), self.data.tasks))
         if self.config.holdout_clients:
             record["held_out"] = summaries(of_clients(evaluation, self.config.holdout_clients), self.data.tasks)
         return record
 
-    def _evaluate(self, split: str) -> tuple[Evaluation, Examples]:
-        """Every client's reported models on ``split``: model -> client -> task -> metrics, and examples."""
+    def _evaluate(self, split: str) -> tuple[Evaluation, Examples, dict[str, str]]:
+        """Every client's reported models on ``split``: model -> client -> task -> metrics, examples, and why each
+        client whose node did not answer is missing."""
         evaluation: Evaluation = {}
         examples: Examples = {}
-        for client in self.info.clients:
-            self._fire("on_client_start", client, f"evaluating ({split})")
-            received = self.info.slice_of(self.global_state, client)
-            metrics, shown = self.worker.evaluate(client, self.round, received, split)
+        unreachable: dict[str, str] = {}
+        received = {client: self.info.slice_of(self.global_state, client) for client in self.info.clients}
+        started = partial(self._started, f"evaluating ({split})")
+        outcomes: dict[int, Evaluated | ClientUnreachable] = {}
+        for client, outcome in self.worker.evaluate_all(self.round, received, split, started):
+            outcomes[client] = outcome
+            self._fire("on_client_end", client)
+        for client in received:  # in the clients' order, however the outcomes came
+            outcome = outcomes[client]
+            if isinstance(outcome, ClientUnreachable):
+                unreachable[str(client)] = str(outcome)
+                log.warning(
+                    "Round %d: client %d is missing from the evaluation on %s: %s", self.round, client, split, outcome
+                )
+                continue
+            metrics, shown = outcome
             for model, per_task in metrics.items():
                 evaluation.setdefault(model, {})[str(client)] = per_task
             for model, per_task in shown.items():
                 examples.setdefault(model, {})[str(client)] = per_task
-        return evaluation, examples
+        return evaluation, examples, unreachable
 
     def _post_federation(self) -> None:
         """Fine-tune every client's global slice (the "+FT" model), run the algorithm's per-client stage."""
         todo = [c for c in self.info.clients if c not in set(self.post_done)]
         self._fire("on_post_federation_start", todo)
-        for client in todo:
-            notify = partial(self._fire, "on_client_start", client)
-            received = self.info.slice_of(self.global_state, client)
-            record = self.worker.post_federation(client, self.round, received, self.fine_tune, notify)
+        received = {client: self.info.slice_of(self.global_state, client) for client in todo}
+        notify = partial(self._fire, "on_client_start")
+        for client, record in self.worker.post_federation_all(self.round, received, self.fine_tune, notify):
             self.post_done.append(client)
             self._fire("on_client_end", client)
             self._fire("on_post_federation_client_end", record)
@@ -394,7 +408,7 @@ class FederatedOrchestrator:
         self._fire("on_post_federation_end")
 
     def _final_results(self, split: str) -> dict[str, Any]:
-        evaluation, examples = self._evaluate(split)
+        evaluation, examples, _ = self._evaluate(split)  # a missing client was warned of
         held_out = set(self.config.holdout_clients)
         results = assemble_results(
             algorithm=self.algorithm.label,
@@ -415,6 +429,9 @@ class FederatedOrchestrator:
         self._rank_zero(self.run_dir.write_json, "results.json", results)
         self._rank_zero(self.run_dir.write_text, "results.md", results_table(results, self.data))
         return results
+
+    def _started(self, what: str, client: int) -> None:
+        self._fire("on_client_start", client, what)
 
     def _fire(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:

@@ -3,7 +3,8 @@ client work needs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tapl.engine.config import FederationConfig
 from tapl.engine.evaluation import FINETUNED, evaluate_models
 from tapl.engine.local_training import LocalTraining
 from tapl.engine.post_federation import post_federation
+from tapl.errors import TaplError
 from tapl.models.foundation import FoundationModel
 from tapl.reported import ReportedModel
 from tapl.run_dir import RunDirError
@@ -24,6 +26,13 @@ from tapl.visit_trainer import VisitTrainers, quiet_lightning
 
 #: Marks the checkpoint of a run whose clients' stores stayed on their nodes (not in the checkpoint).
 STORES_ON_NODES = "stores_on_nodes"
+
+#: A client's evaluation: metrics per model key and task, and readable predictions per model key and task.
+Evaluated = tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, list[dict[str, str]]]]]
+
+
+class ClientUnreachable(TaplError, RuntimeError):
+    """A client's node did not answer: it left the federation, or did not reply in time."""
 
 
 class ClientWorker:
@@ -86,9 +95,7 @@ class ClientWorker:
         self.store.commit(client, ctx.store)
         return update
 
-    def evaluate(
-        self, client: int, round: int, received: ComponentState, split: str
-    ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, list[dict[str, str]]]]]:
+    def evaluate(self, client: int, round: int, received: ComponentState, split: str) -> Evaluated:
         """Every model the client reports (the algorithm's, and its fine-tuned global slice once made) on its
         ``split``: metrics per model key and task, and readable predictions per model key and task."""
         ctx = self.context(client, round, received, "evaluation")
@@ -113,6 +120,37 @@ class ClientWorker:
         if finetuned is not None:
             self.engine_store.commit(client, {FINETUNED: finetuned})
         return record
+
+    # -- many clients' work: one after another here, all at once on a distributed runtime ------------------------
+
+    def visit_all(
+        self, round: int, instructions: Sequence[Instruction], started: Callable[[int], None]
+    ) -> Iterator[tuple[int, ClientUpdate | Exception]]:
+        """Every instruction's visit, each outcome as it comes: the client's update, or the exception its visit
+        raised (a failed visit does not stop the others). ``started`` hears each client whose visit starts."""
+        for instruction in instructions:
+            started(instruction.client)
+            try:
+                yield instruction.client, self.visit(round, instruction)
+            except Exception as error:
+                yield instruction.client, error
+
+    def evaluate_all(
+        self, round: int, received: Mapping[int, ComponentState], split: str, started: Callable[[int], None]
+    ) -> Iterator[tuple[int, Evaluated | ClientUnreachable]]:
+        """Every client's :meth:`evaluate` on ``split`` (``received``: what each client holds of the global
+        model), each as it comes; a client whose node did not answer gives :class:`ClientUnreachable`."""
+        for client, state in received.items():
+            started(client)
+            yield client, self.evaluate(client, round, state, split)
+
+    def post_federation_all(
+        self, round: int, received: Mapping[int, ComponentState], fine_tune: bool, notify: Callable[[int, str], None]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Every client's :meth:`post_federation`, each record as it comes; ``notify(client, step)`` hears what
+        starts."""
+        for client, state in received.items():
+            yield client, self.post_federation(client, round, state, fine_tune, partial(notify, client))
 
     def state_dict(self) -> dict[str, Any]:
         """Every client's store and engine-made models."""
