@@ -97,11 +97,12 @@ class Commands:
                 the newest version_N under --run_root) or from a checkpoint directory, such as
                 RUN_DIR/checkpoints/round-000004; unset: a new run.
             runtime: Where the clients run: ``inprocess`` (one after another in this process) or ``flower``
-                (Flower's simulation runtime, one SuperNode per client; needs ``pip install -e '.[flower]'``).
+                (Flower's simulation runtime, one SuperNode per client, or the deployment whose ServerApp runs
+                this, launched with ``flwr run``; needs ``pip install -e '.[flower]'``).
         """
         assert self.orchestrator is not None, "fit needs the federation that TaplCLI builds"
         if runtime == "flower":
-            flower_runtime().simulate(self.orchestrator, node_worker, ckpt_path)
+            flower_runtime().fit(self.orchestrator, node_worker, ckpt_path)
         else:
             self.orchestrator.fit(ckpt_path=ckpt_path)
 

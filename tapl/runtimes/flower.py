@@ -19,21 +19,25 @@ import functools
 import io
 import json
 import logging
+import shlex
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from tapl.algorithms.base import Algorithm
 from tapl.api import ClientUpdate, FederationInfo, Instruction
 from tapl.components import ComponentShapes, ComponentState, flatten, unflatten
-from tapl.engine.clients import STORES_ON_NODES, ClientWorker, check_upload
+from tapl.engine.clients import STORES_ON_NODES, ClientUnreachable, ClientWorker, Evaluated, check_upload
 from tapl.engine.local_training import LocalTraining
 from tapl.errors import TaplError
 from tapl.federation import FederatedOrchestrator
@@ -44,12 +48,13 @@ log = logging.getLogger(__name__)
 TAPL_CLIENT = "tapl-client"
 #: The node config key of the simulation runtime's n-th SuperNode.
 PARTITION_ID = "partition-id"
-#: Message types: a round's visit, the post-federation stage, an evaluation, and which client a node is.
-VISIT, POST_FEDERATION, EVALUATE, WHO = "train", "train.post_federation", "evaluate", "query"
+#: Message types: a round's visit, the post-federation stage, an evaluation, and a node joining the run.
+VISIT, POST_FEDERATION, EVALUATE, JOIN = "train", "train.post_federation", "evaluate", "query"
 #: ``Error.code`` of a client's work that raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``).
 CLIENT_RAISED = 2
-#: The ConfigRecord of every message, the ArrayRecord of its tensors, and the node's state record of its stores.
-_TAPL, _STATE, _STORES = "tapl", "state", "tapl.stores"
+#: The ConfigRecord of every message, the ArrayRecord of its tensors, and the node's state records: its stores,
+#: and the run's config and its client (kept when it joined).
+_TAPL, _STATE, _STORES, _JOINED = "tapl", "state", "tapl.stores", "tapl.joined"
 
 
 class ClientFailed(TaplError, RuntimeError):
@@ -95,14 +100,14 @@ WorkerBuilder = Callable[[str], ClientWorker]
 
 @functools.lru_cache(maxsize=1)
 def client_worker(build: WorkerBuilder, config_text: str) -> ClientWorker:
-    """The client side of the tapl config ``config_text``, built once per process (a node's ClientApp process,
-    or a simulation actor serving many nodes)."""
+    """The client side of the tapl config ``config_text``, built once per process (a deployed node runs each
+    message in a process of its own; a simulation actor serves many nodes)."""
     return build(config_text)
 
 
-def node_client(node_config: Mapping[str, Any], info: FederationInfo) -> int:
+def node_client(node_config: Mapping[str, Any], clients: Sequence[int]) -> int:
     """The tapl client a node is, from its node config: ``tapl-client``, else the simulation's ``partition-id``
-    (the n-th client by id).
+    (the n-th of ``clients`` by id).
 
     Raises:
         ValueError: if the node config names no client, or one the federation does not have.
@@ -110,7 +115,7 @@ def node_client(node_config: Mapping[str, Any], info: FederationInfo) -> int:
     if TAPL_CLIENT in node_config:
         client = int(node_config[TAPL_CLIENT])
     elif PARTITION_ID in node_config:
-        ids = sorted(info.clients)
+        ids = sorted(clients)
         partition = int(node_config[PARTITION_ID])
         if not 0 <= partition < len(ids):
             raise ValueError(f"partition-id {partition} is beyond the federation's {len(ids)} clients")
@@ -119,8 +124,8 @@ def node_client(node_config: Mapping[str, Any], info: FederationInfo) -> int:
         raise ValueError(
             f"the node config names no tapl client: start the SuperNode with --node-config '{TAPL_CLIENT}=ID'"
         )
-    if client not in info.clients:
-        raise ValueError(f"{TAPL_CLIENT}={client}: the federation has clients {sorted(info.clients)}")
+    if client not in clients:
+        raise ValueError(f"{TAPL_CLIENT}={client}: the federation has clients {sorted(clients)}")
     return client
 
 
@@ -139,6 +144,28 @@ def _keep_stores(context: Context, worker: ClientWorker, client: int) -> None:
     context.state[_STORES] = ConfigRecord(kept)
 
 
+def _reply_to(message: Message, work: Callable[[], tuple[dict[str, Any], ComponentState | None]]) -> Message:
+    """The reply to ``message``: what ``work()`` gives, or an error reply with the exception it raised."""
+    try:
+        payload, state = work()
+        return Message(_records(payload, state), reply_to=message)
+    except Exception as error:
+        log.debug("".join(traceback.format_exception(error)))
+        return Message(Error(CLIENT_RAISED, f"{type(error).__name__}: {error}"), reply_to=message)
+
+
+def _join(message: Message, context: Context) -> Message:
+    """A node joins the run: it says which client it is, and keeps the run's tapl config in its state."""
+
+    def join() -> tuple[dict[str, Any], None]:
+        config = message.content[_TAPL]
+        client = node_client(context.node_config, _payload(message.content)["clients"])
+        context.state[_JOINED] = ConfigRecord({"config": str(config["config"]), "client": client})
+        return {"client": client}, None
+
+    return _reply_to(message, join)
+
+
 Work = Callable[[ClientWorker, int, int, dict[str, Any], ComponentState], tuple[dict[str, Any], ComponentState | None]]
 
 
@@ -148,22 +175,22 @@ def _client_work(build: WorkerBuilder, work: Work) -> Callable[[Message, Context
 
     @functools.wraps(work)
     def handler(message: Message, context: Context) -> Message:
-        try:
-            config = message.content[_TAPL]
-            worker = client_worker(build, str(config["config"]))
-            client = node_client(context.node_config, worker.info)
-            asked = int(config["client"])
-            if asked not in (-1, client):
-                raise ValueError(f"work of client {asked} was sent to the node of client {client}")
+        def run() -> tuple[dict[str, Any], ComponentState | None]:
+            if _JOINED not in context.state:
+                raise ClientFailed("the node has not joined the run (no query message reached it)")
+            joined = context.state[_JOINED]
+            worker = client_worker(build, str(joined["config"]))
+            client, config = int(joined["client"]), message.content[_TAPL]
+            if int(config["client"]) != client:
+                raise ValueError(f"work of client {config['client']} was sent to the node of client {client}")
             _restore_stores(context, worker, client)
             payload, state = work(
                 worker, client, int(config["round"]), _payload(message.content), _state(message.content)
             )
             _keep_stores(context, worker, client)
-            return Message(_records(payload, state), reply_to=message)
-        except Exception as error:
-            log.debug("".join(traceback.format_exception(error)))
-            return Message(Error(CLIENT_RAISED, f"{type(error).__name__}: {error}"), reply_to=message)
+            return payload, state
+
+        return _reply_to(message, run)
 
     return handler
 
@@ -187,28 +214,37 @@ def _post_federation(
     return {"record": record, "steps": steps}, None
 
 
-def _who(worker: ClientWorker, client: int, round: int, payload: dict[str, Any], received: ComponentState) -> Any:
-    return {"client": client}, None
-
-
 def client_app(build: WorkerBuilder) -> ClientApp:
-    """The ClientApp: a round's visit (``train``), the post-federation stage (``train.post_federation``), an
-    evaluation (``evaluate``) and which client the node is (``query``), each run on the client side that
-    ``build`` makes of the tapl config the message carries."""
+    """The ClientApp: joining the run (``query``), a round's visit (``train``), the post-federation stage
+    (``train.post_federation``) and an evaluation (``evaluate``), each run on the client side that ``build`` makes
+    of the tapl config the node got when it joined."""
     app = ClientApp()
+    app.query()(_join)
     app.train()(_client_work(build, _visit))
     app.train("post_federation")(_client_work(build, _post_federation))
     app.evaluate()(_client_work(build, _evaluate))
-    app.query()(_client_work(build, _who))
     return app
 
 
 # -- the server side ---------------------------------------------------------------------------------------------
 
+#: One piece of client work to send: the client, the message type, its payload and the tensors it carries.
+Request = tuple[int, str, Mapping[str, Any], ComponentState | None]
+#: A node's answer to a request: its payload and tensors, or why there is none.
+Answer = tuple[dict[str, Any], ComponentState] | ClientFailed | ClientUnreachable
+#: Flower's error codes of a message that never reached a node or whose reply never came back.
+_UNDELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
+
 
 class FlowerWorker(ClientWorker):
     """The client side as the server sees it on Flower: every piece of client work is a Message to the node of
-    that client, sent through the ``Grid``; the clients' stores live on the nodes.
+    that client, sent through the ``Grid``, and a round's work goes to all its nodes at once; the clients' stores
+    live on the nodes.
+
+    A node joins by saying which client it is (a ``query`` message); the federation starts once every client has
+    a node. A node that leaves (Flower stops hearing its heartbeat) makes its client's work fail, or its
+    evaluation missing, until a node naming that client joins again: before each round's work the server asks
+    the nodes that are new.
 
     Args:
         grid: The ServerApp's grid.
@@ -217,7 +253,8 @@ class FlowerWorker(ClientWorker):
         algorithm: The algorithm (its server side runs here).
         training: Unused on the server; kept for the worker's interface.
         shapes: The shapes of every component's tensors (uploads are checked against them on arrival too).
-        timeout: Seconds to wait for a reply (``None``: no limit) and for every client's node to connect.
+        reply_timeout: Seconds to wait for a round's replies (``None``: until every node replied or left).
+        join_timeout: Seconds to wait for every client's node to join (``None``: no limit).
     """
 
     def __init__(
@@ -228,101 +265,156 @@ class FlowerWorker(ClientWorker):
         algorithm: Algorithm,
         training: LocalTraining,
         shapes: ComponentShapes,
-        timeout: float | None = None,
+        reply_timeout: float | None = None,
+        join_timeout: float | None = None,
     ) -> None:
         super().__init__(info, algorithm, training, shapes)
         self.grid = grid
         self.config_text = config_text
-        self.timeout = timeout
+        self.reply_timeout = reply_timeout
         #: tapl client id -> the node id of its SuperNode.
-        self.nodes = self._find_nodes()
+        self.nodes: dict[int, int] = {}
+        #: Nodes that joined (or failed to), so as not to ask them again.
+        self._asked: set[int] = set()
+        self._wait_for_every_client(join_timeout)
 
-    def _message(
-        self,
-        node: int,
-        message_type: str,
-        client: int,
-        round: int,
-        payload: Mapping[str, Any],
-        state: ComponentState | None = None,
-    ) -> Message:
-        content = _records(payload, state, config=self.config_text, client=client, round=round)
+    def _message(self, node: int, message_type: str, payload: Mapping[str, Any], **config: Any) -> Message:
+        content = _records(payload, config.pop("state", None), **config)
         return Message(content, dst_node_id=node, message_type=message_type)
 
-    def _find_nodes(self) -> dict[int, int]:
-        """Ask every connected node which client it is (waiting until there are as many nodes as clients)."""
-        wanted = len(self.info.clients)
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        node_ids = list(self.grid.get_node_ids())
-        while len(node_ids) < wanted:
+    def _wait_for_every_client(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._join_new_nodes(strict=True)
+            missing = sorted(set(self.info.clients) - set(self.nodes))
+            if not missing:
+                return
             if deadline is not None and time.monotonic() > deadline:
                 raise ClientFailed(
-                    f"{len(node_ids)} SuperNodes connected within {self.timeout} s; the run needs {wanted}"
+                    f"no SuperNode joined for clients {missing} within {timeout} s (node config {TAPL_CLIENT})"
                 )
-            time.sleep(1.0)
-            node_ids = list(self.grid.get_node_ids())
-        messages = [self._message(node, WHO, -1, 0, {}) for node in node_ids]
-        nodes: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise ClientFailed(f"SuperNode {node} could not set up its client: {reply.error.reason}")
-            client = int(_payload(reply.content)["client"])
-            if client in nodes:
-                raise ClientFailed(f"SuperNodes {nodes[client]} and {node} both name client {client}")
-            nodes[client] = node
-        missing = sorted(set(self.info.clients) - set(nodes))
-        if missing:
-            raise ClientFailed(f"no SuperNode names clients {missing} (node config {TAPL_CLIENT})")
-        return nodes
+            time.sleep(_POLL_SECONDS)
 
-    def _ask(
-        self,
-        client: int,
-        message_type: str,
-        round: int,
-        payload: Mapping[str, Any],
-        state: ComponentState | None = None,
-    ) -> tuple[dict[str, Any], ComponentState]:
-        message = self._message(self.nodes[client], message_type, client, round, payload, state)
-        replies = list(self.grid.send_and_receive([message], timeout=self.timeout))
-        if not replies:
-            raise ClientFailed(f"no reply from the SuperNode of client {client} within {self.timeout} s")
-        reply = replies[0]
-        if reply.has_error():
-            raise ClientFailed(reply.error.reason or f"error {reply.error.code}")
-        return _payload(reply.content), _state(reply.content)
+    def _join_new_nodes(self, strict: bool = False) -> None:
+        """Ask every node not asked yet which client it is; a node naming a client that has one replaces it (the
+        client's node left and came back). With ``strict``, a node that cannot join stops the run."""
+        new = [node for node in self.grid.get_node_ids() if node not in self._asked]
+        if not new:
+            return
+        self._asked.update(new)
+        join = {"clients": list(self.info.clients)}
+        sent = self._push({node: self._message(node, JOIN, join, config=self.config_text) for node in new})
+        for node, answer in sent:
+            if isinstance(answer, Exception):
+                if strict or isinstance(answer, ClientFailed):
+                    raise ClientFailed(f"SuperNode {node} could not join the run: {answer}")
+                log.warning("SuperNode %d did not join the run: %s", node, answer)
+                continue
+            client = int(answer[0]["client"])
+            if strict and client in self.nodes:
+                raise ClientFailed(f"SuperNodes {self.nodes[client]} and {node} both name client {client}")
+            if client in self.nodes:
+                log.warning("Client %d joined again on SuperNode %d (was %d)", client, node, self.nodes[client])
+            self.nodes[client] = node
 
-    def visit(self, round: int, instruction: Instruction) -> ClientUpdate:
-        """One client's visit on its node: its upload, checked again on arrival.
+    def _push(self, messages: Mapping[Any, Message]) -> Iterator[tuple[Any, Answer]]:
+        """Send ``messages`` (what each is for -> the message) at once; each answer as it comes."""
+        waiting: dict[str, Any] = {}
+        for whom, message in messages.items():
+            ids = list(self.grid.push_messages([message]))
+            if ids:
+                waiting[ids[0]] = whom
+            else:
+                yield (
+                    whom,
+                    ClientUnreachable(f"Flower did not take the message to SuperNode {message.metadata.dst_node_id}"),
+                )
+        deadline = None if self.reply_timeout is None else time.monotonic() + self.reply_timeout
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                yield waiting.pop(reply.metadata.reply_to_message_id), _answer(reply)
+            if waiting:
+                if deadline is not None and time.monotonic() > deadline:
+                    for whom in waiting.values():
+                        yield whom, ClientUnreachable(f"no reply within {self.reply_timeout} s")
+                    return
+                time.sleep(_POLL_SECONDS)
+
+    def _exchange(
+        self, round: int, requests: Sequence[Request], started: Callable[[int], None]
+    ) -> Iterator[tuple[int, Answer]]:
+        """Send every request to its client's node at once; each client's answer as it comes."""
+        self._join_new_nodes()
+        live = set(self.grid.get_node_ids())
+        messages: dict[int, Message] = {}
+        for client, message_type, payload, state in requests:
+            node = self.nodes.get(client)
+            if node not in live:
+                yield client, ClientUnreachable(f"the SuperNode of client {client} left the federation")
+                continue
+            started(client)
+            messages[client] = self._message(node, message_type, payload, state=state, client=client, round=round)
+        yield from self._push(messages)
+
+    def visit_all(
+        self, round: int, instructions: Sequence[Instruction], started: Callable[[int], None]
+    ) -> Iterator[tuple[int, ClientUpdate | Exception]]:
+        """Every client's visit on its node, all at once: its upload, checked again on arrival, or why there is
+        none (:class:`ClientFailed` with the node's error, e.g. ``ValueError: ...``; :class:`ClientUnreachable`)."""
+        requests = [(i.client, VISIT, {"config": i.config}, i.state) for i in instructions]
+        for client, answer in self._exchange(round, requests, started):
+            if isinstance(answer, Exception):
+                yield client, answer
+                continue
+            payload, state = answer
+            update = ClientUpdate(
+                int(payload["client"]),
+                state,
+                int(payload["num_samples"]),
+                dict(payload["metrics"]),
+                list(payload["events"]),
+            )
+            try:
+                check_upload(update, self.info.clients[client], self.shapes)
+            except Exception as error:
+                yield client, error
+            else:
+                yield client, update
+
+    def evaluate_all(
+        self, round: int, received: Mapping[int, ComponentState], split: str, started: Callable[[int], None]
+    ) -> Iterator[tuple[int, Evaluated | ClientUnreachable]]:
+        """Every client's models on its ``split``, evaluated on its node.
 
         Raises:
-            ClientFailed: with the node's error (e.g. ``ValueError: ...``), or when it did not reply.
+            ClientFailed: with the error of a node whose evaluation raised.
         """
-        payload, state = self._ask(instruction.client, VISIT, round, {"config": instruction.config}, instruction.state)
-        update = ClientUpdate(
-            int(payload["client"]),
-            state,
-            int(payload["num_samples"]),
-            dict(payload["metrics"]),
-            list(payload["events"]),
-        )
-        check_upload(update, self.info.clients[instruction.client], self.shapes)
-        return update
+        requests = [(client, EVALUATE, {"split": split}, state) for client, state in received.items()]
+        for client, answer in self._exchange(round, requests, started):
+            if isinstance(answer, ClientFailed):
+                raise answer
+            yield (
+                client,
+                answer if isinstance(answer, ClientUnreachable) else (answer[0]["metrics"], answer[0]["examples"]),
+            )
 
-    def evaluate(self, client: int, round: int, received: ComponentState, split: str) -> Any:
-        """The client's models on its ``split``, evaluated on its node."""
-        payload, _ = self._ask(client, EVALUATE, round, {"split": split}, received)
-        return payload["metrics"], payload["examples"]
+    def post_federation_all(
+        self, round: int, received: Mapping[int, ComponentState], fine_tune: bool, notify: Callable[[int, str], None]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Every client's post-federation stage on its node; ``notify`` hears a client's steps once it is done.
 
-    def post_federation(
-        self, client: int, round: int, received: ComponentState, fine_tune: bool, notify: Callable[[str], None]
-    ) -> dict[str, Any]:
-        """The client's post-federation stage on its node; ``notify`` hears its steps once it is done."""
-        payload, _ = self._ask(client, POST_FEDERATION, round, {"fine_tune": fine_tune}, received)
-        for step in payload["steps"]:
-            notify(step)
-        return payload["record"]
+        Raises:
+            ClientFailed: with the error of a node whose stage raised.
+            ClientUnreachable: for a client whose node left (the stage resumes at it).
+        """
+        requests = [(client, POST_FEDERATION, {"fine_tune": fine_tune}, state) for client, state in received.items()]
+        for client, answer in self._exchange(round, requests, lambda client: notify(client, "post-federation")):
+            if isinstance(answer, Exception):
+                raise answer
+            payload = answer[0]
+            for step in payload["steps"]:
+                notify(client, step)
+            yield client, payload["record"]
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing of the clients: their stores live on their nodes."""
@@ -343,23 +435,38 @@ class FlowerWorker(ClientWorker):
         super().load_state_dict(state)  # refuses a Flower run's checkpoint: its nodes' stores are not in it
 
 
-def server_app(orchestrator: FederatedOrchestrator, ckpt_path: str | None, outcome: dict[str, Any]) -> ServerApp:
-    """A ServerApp running ``orchestrator.fit(ckpt_path)`` with its clients on the nodes; ``outcome`` receives
-    the ``results`` or the ``error`` it raised."""
+def _answer(reply: Message) -> Answer:
+    """What a reply says: its payload and tensors, or the error of the node (or of Flower, for an undelivered
+    message)."""
+    if not reply.has_error():
+        return _payload(reply.content), _state(reply.content)
+    if reply.error.code in _UNDELIVERED:
+        return ClientUnreachable(reply.error.reason or f"Flower error {reply.error.code}")
+    return ClientFailed(reply.error.reason or f"error {reply.error.code}")
+
+
+#: Seconds between two pulls of replies (Flower's own send_and_receive waits 3 s).
+_POLL_SECONDS = 0.2
+
+
+def run(
+    orchestrator: FederatedOrchestrator,
+    grid: Grid,
+    ckpt_path: str | None = None,
+    reply_timeout: float | None = None,
+    join_timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run ``orchestrator``'s federation with its clients on the nodes of ``grid`` (inside a ServerApp).
+
+    Returns:
+        The final results, as :meth:`~tapl.federation.FederatedOrchestrator.fit` returns them.
+    """
     if orchestrator.config_text is None:
         raise ValueError("the Flower runtime needs the orchestrator's config text (build it with TaplCLI)")
-    config_text = orchestrator.config_text
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        orchestrator.worker_factory = functools.partial(FlowerWorker, grid, config_text)
-        try:
-            outcome["results"] = orchestrator.fit(ckpt_path=ckpt_path)
-        except BaseException as error:  # handed to the caller of run_simulation, which would only log it
-            outcome["error"] = error
-
-    return app
+    orchestrator.worker_factory = functools.partial(
+        FlowerWorker, grid, orchestrator.config_text, reply_timeout=reply_timeout, join_timeout=join_timeout
+    )
+    return orchestrator.fit(ckpt_path=ckpt_path)
 
 
 def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_path: str | None = None) -> dict[str, Any]:
@@ -375,8 +482,17 @@ def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_pat
         The final results, as :meth:`~tapl.federation.FederatedOrchestrator.fit` returns them.
     """
     outcome: dict[str, Any] = {}
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["results"] = run(orchestrator, grid, ckpt_path)
+        except BaseException as error:  # handed to the caller of run_simulation, which would only log it
+            outcome["error"] = error
+
     run_simulation(
-        server_app=server_app(orchestrator, ckpt_path, outcome),
+        server_app=server,
         client_app=client_app(build),
         num_supernodes=len(orchestrator.data.clients),
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
@@ -386,3 +502,55 @@ def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_pat
     if "results" not in outcome:
         raise ClientFailed("the Flower simulation ended without running the federation (see Flower's log above)")
     return outcome["results"]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The deployment whose ServerApp runs ``tapl fit`` (launched with ``flwr run``)."""
+
+    grid: Grid
+    reply_timeout: float | None = None
+    join_timeout: float | None = None
+
+
+_deployment: ContextVar[Deployment | None] = ContextVar("tapl_flower_deployment", default=None)
+
+
+def fit(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_path: str | None = None) -> dict[str, Any]:
+    """Run ``orchestrator``'s federation on Flower: on the deployment whose ServerApp runs this (:func:`server_app`),
+    else on Flower's simulation runtime (:func:`simulate`)."""
+    deployment = _deployment.get()
+    if deployment is None:
+        return simulate(orchestrator, build, ckpt_path)
+    return run(orchestrator, deployment.grid, ckpt_path, deployment.reply_timeout, deployment.join_timeout)
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if float(value) > 0 else None
+
+
+def server_app(tapl_main: Callable[[list[str]], None]) -> ServerApp:
+    """The ServerApp of a deployment: ``tapl fit ARGS --runtime flower`` on the SuperLink's machine, through
+    ``tapl_main`` (:func:`tapl.cli.main`), with the clients on the SuperNodes.
+
+    Its run config (``flwr run ... --run-config``): ``args``, the arguments of ``tapl fit`` (paths are those of the
+    SuperLink's machine); ``reply-timeout``, seconds to wait for a round's replies (0: until every node replied
+    or left); ``join-timeout``, seconds to wait for every client's SuperNode to join (0: no limit).
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = context.run_config
+        args = shlex.split(str(config.get("args", "")))
+        timeouts = (_seconds(config.get("reply-timeout", 0)), _seconds(config.get("join-timeout", 0)))
+        token = _deployment.set(Deployment(grid, *timeouts))
+        try:
+            tapl_main(["fit", *args, "--runtime", "flower"])
+        except SystemExit as exit:
+            if exit.code:
+                raise RuntimeError(f"tapl fit {shlex.join(args)} failed with exit status {exit.code}") from None
+        finally:
+            _deployment.reset(token)
+
+    return app

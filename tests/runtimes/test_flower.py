@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
-from helpers import fit_tiny, read_records, read_results
+from helpers import fit_tiny, read_records, read_results, tiny_config, write_config
 
 from tapl.algorithms import ClientContext, ClientUpdate, FedAvg
 from tapl.run_dir import RunDirectory
@@ -21,6 +23,33 @@ def final_global_state(run_dir: Path) -> dict:
     directory = RunDirectory(run_dir)
     state, _ = directory.load_checkpoint(directory.resolve_checkpoint("last", prefer_final=True))
     return state
+
+
+def assert_same_run(got: Path, expected: Path, failures_alike: bool = False) -> float:
+    """Assert that run ``got`` logged, reported and ended with what run ``expected`` did (with ``failures_alike``,
+    the same clients failed, whatever the reasons); return the max abs difference of their final global tensors."""
+
+    def records(run: Path) -> list[dict]:
+        logged = read_records(run)
+        for record in logged if failures_alike else []:
+            record["failed_clients"] = sorted(record["failed_clients"])
+        return logged
+
+    assert records(got) == records(expected)
+    # On Flower the post-federation stage runs on every node at once: its records come as the nodes finish.
+    by_client = lambda run: sorted(read_records(run, "post_federation.jsonl"), key=lambda r: r["client"])  # noqa: E731
+    assert by_client(got) == by_client(expected)
+    assert read_results(got) == read_results(expected)
+    expected_state, got_state = final_global_state(expected), final_global_state(got)
+    assert got_state.keys() == expected_state.keys()
+    differences = {
+        f"{c}/{k}": (got_state[c][k] - t).abs().max().item()
+        for c, params in expected_state.items()
+        for k, t in params.items()
+    }
+    assert set(differences) == {f"{c}/{k}" for c, params in got_state.items() for k in params}
+    assert max(differences.values()) == 0.0
+    return max(differences.values())
 
 
 @pytest.mark.skipif(HAS_FLOWER, reason="Flower is installed")
@@ -47,20 +76,11 @@ def test_a_run_on_the_flower_simulation_equals_the_in_process_run(
     flower = fit_tiny(tmp_path / "flower", assets, "--algorithm", algorithm, "--runtime", "flower")
     flower_seconds = time.perf_counter() - started
 
-    assert read_records(flower) == read_records(inprocess)
-    assert read_records(flower, "post_federation.jsonl") == read_records(inprocess, "post_federation.jsonl")
-    assert read_results(flower) == read_results(inprocess)
-    expected, got = final_global_state(inprocess), final_global_state(flower)
-    assert got.keys() == expected.keys()
-    differences = {
-        f"{c}/{k}": (got[c][k] - t).abs().max().item() for c, params in expected.items() for k, t in params.items()
-    }
-    assert set(differences) == {f"{c}/{k}" for c, params in got.items() for k in params}
+    difference = assert_same_run(flower, inprocess)
     print(
-        f"{algorithm}: max abs difference of the final global tensors: {max(differences.values())}; "
+        f"{algorithm}: max abs difference of the final global tensors: {difference}; "
         f"in-process {inprocess_seconds:.1f} s, Flower simulation {flower_seconds:.1f} s"
     )
-    assert max(differences.values()) == 0.0
 
 
 class CountingAndFailing(FedAvg):
@@ -115,3 +135,85 @@ def test_on_flower_a_store_stays_on_its_node_and_a_failing_client_is_a_failure_o
             )
         assert stopped.value.code == 1
         assert "those stores are not in it, so it cannot be resumed" in capsys.readouterr().err
+
+
+def three_clients(assets: dict[str, Path], run_dir: Path, **federation: object) -> Path:
+    """The tiny federation with 3 clients (one per task set), written next to ``run_dir``."""
+    config = tiny_config(assets, run_dir, **federation)
+    config["data"]["clients"][-1]["count"] = 1
+    return write_config(run_dir.parent / f"{run_dir.name}.yaml", config)
+
+
+class StallingClient(FedAvg):
+    """FedAvg whose clients count their visits in their store and report the count; client 2 fails in round 1: it
+    stalls (after creating the file ``mark``) until its node is killed, or raises without a ``mark``. Each round
+    logs how many failures the algorithm was told of.
+
+    Args:
+        mark: The file client 2 creates when it stalls; empty: it raises instead.
+    """
+
+    def __init__(self, mark: str = "", weighting: Literal["samples", "uniform"] = "samples") -> None:
+        super().__init__(weighting)
+        self.mark = mark
+
+    def client_update(self, ctx: ClientContext) -> ClientUpdate:
+        if ctx.client.id == 2 and ctx.round == 1:
+            if not self.mark:
+                raise RuntimeError("client 2 fails in round 1")
+            Path(self.mark).touch()
+            time.sleep(600)
+        ctx.store["visits"] = ctx.store.get("visits", 0) + 1
+        update = super().client_update(ctx)
+        update.metrics["visits"] = ctx.store["visits"]
+        return update
+
+    def aggregate(self, round: int, global_state: Any, results: list, failures: list) -> Any:
+        self.log("failures", len(failures))
+        return super().aggregate(round, global_state, results, failures)
+
+
+@pytest.mark.slow
+@needs_flower
+def test_on_a_deployment_launched_with_flwr_run_a_killed_supernode_fails_its_client_and_a_restarted_one_rejoins(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    from tapl.cli import main
+    from tapl.runtimes.flower_localhost import LocalDeployment
+
+    algorithm = ["--algorithm", f"{__name__}.StallingClient"]
+    main(["fit", "--config", str(three_clients(assets, tmp_path / "inprocess", clients_per_round=3)), *algorithm])
+
+    mark = tmp_path / "stalled"
+
+    def kill_the_stalled_node_and_restart_it() -> None:
+        deadline = time.monotonic() + 300
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        flower.kill_node(2)
+        flower.start_node(2)
+
+    tests, root = Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[2]
+    env = {  # the nodes import this module by name
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), str(tests), os.environ.get("PYTHONPATH", "")]),
+    }
+    config = three_clients(assets, tmp_path / "deployed", clients_per_round=3)
+    started = time.perf_counter()
+    with LocalDeployment([0, 1, 2], tmp_path / "flower", env) as flower:
+        crash = threading.Thread(target=kill_the_stalled_node_and_restart_it, daemon=True)
+        crash.start()
+        outcome = flower.run(["--config", str(config), *algorithm, "--algorithm.mark", str(mark)])
+        crash.join()
+        assert outcome.completed, f"{outcome.status}: {outcome.details}\n{outcome.output}"
+    print(f"FedAvg deployed on localhost (3 SuperNodes, one killed) in {time.perf_counter() - started:.1f} s")
+
+    first, second = read_records(tmp_path / "deployed")
+    assert set(first["failed_clients"]) == {"2"} and "Node Unavailable" in first["failed_clients"]["2"]
+    assert sorted(first["train"]) == ["0", "1"] and first["algorithm"]["failures"] == 1
+    # Node 2 rejoined: client 2 is visited in round 2; its new node starts with an empty store.
+    assert {c: m["visits"] for c, m in second["train"].items()} == {"0": 2, "1": 2, "2": 1}
+    assert second["algorithm"]["failures"] == 0
+    # Apart from why client 2 failed, the run is the in-process run where client 2 raised in round 1.
+    assert read_records(tmp_path / "inprocess")[0]["failed_clients"] == {"2": "RuntimeError: client 2 fails in round 1"}
+    assert_same_run(tmp_path / "deployed", tmp_path / "inprocess", failures_alike=True)
