@@ -101,10 +101,11 @@ class Commands:
                 this, launched with ``flwr run``; needs ``pip install -e '.[flower]'``).
         """
         assert self.orchestrator is not None, "fit needs the federation that TaplCLI builds"
+        job = functools.partial(self.orchestrator.fit, ckpt_path=ckpt_path)
         if runtime == "flower":
-            flower_runtime().fit(self.orchestrator, node_worker, ckpt_path)
+            flower_runtime().on_flower(self.orchestrator, node_worker, job)
         else:
-            self.orchestrator.fit(ckpt_path=ckpt_path)
+            job()
 
     def test(
         self,
@@ -120,15 +121,15 @@ class Commands:
             datamodule: Unused: the orchestrator holds the data.
             ckpt_path: ``last`` or unset (the newest checkpoint of the run directory; without --run_dir, of the
                 newest version_N under --run_root) or a checkpoint directory, such as RUN_DIR/checkpoints/final.
-            runtime: Where the clients run; only ``inprocess`` tests a checkpoint for now.
+            runtime: Where the clients run: as the run did (a run on Flower keeps its clients' stores on their
+                nodes, so it is tested there).
         """
         assert self.orchestrator is not None, "test needs the federation that TaplCLI builds"
-        if runtime != "inprocess":
-            raise TaplError(
-                f"tapl test --runtime {runtime} is not supported yet: give --runtime inprocess (a run on Flower keeps "
-                "its clients' stores on their nodes, so its personalized models are not in the checkpoint)"
-            )
-        self.orchestrator.test(ckpt_path=ckpt_path)
+        job = functools.partial(self.orchestrator.test, ckpt_path=ckpt_path)
+        if runtime == "flower":
+            flower_runtime().on_flower(self.orchestrator, node_worker, job)
+        else:
+            job()
 
     def compare(
         self,

@@ -165,8 +165,8 @@ class ClientWorker:
         """
         if state.get(STORES_ON_NODES):
             raise RunDirError(
-                "The checkpoint is of a run whose clients kept their stores on their nodes (--runtime flower); "
-                "those stores are not in it, so it cannot be resumed or tested (not supported yet for such runs)."
+                "The checkpoint is of a run whose clients keep their stores on their nodes: resume or test it with "
+                "--runtime flower (on the same nodes)."
             )
         self.store.load_state_dict(state["client_store"])
         self.engine_store.load_state_dict(state["engine_store"])

@@ -16,7 +16,6 @@ Which tapl client a node is comes from its node config: ``tapl-client`` on a dep
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import shlex
@@ -25,7 +24,9 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
@@ -37,6 +38,7 @@ from flwr.simulation import run_simulation
 from tapl.algorithms.base import Algorithm
 from tapl.api import ClientUpdate, FederationInfo, Instruction
 from tapl.components import ComponentShapes, ComponentState, flatten, unflatten
+from tapl.datamodules.sources import cache_dir
 from tapl.engine.clients import STORES_ON_NODES, ClientUnreachable, ClientWorker, Evaluated, check_upload
 from tapl.engine.local_training import LocalTraining
 from tapl.errors import TaplError
@@ -48,13 +50,15 @@ log = logging.getLogger(__name__)
 TAPL_CLIENT = "tapl-client"
 #: The node config key of the simulation runtime's n-th SuperNode.
 PARTITION_ID = "partition-id"
+#: The node config key of the directory where a SuperNode keeps its clients' stores (default: tapl's cache).
+STATE_DIR = "tapl-state-dir"
 #: Message types: a round's visit, the post-federation stage, an evaluation, and a node joining the run.
 VISIT, POST_FEDERATION, EVALUATE, JOIN = "train", "train.post_federation", "evaluate", "query"
 #: ``Error.code`` of a client's work that raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``).
 CLIENT_RAISED = 2
-#: The ConfigRecord of every message, the ArrayRecord of its tensors, and the node's state records: its stores,
-#: and the run's config and its client (kept when it joined).
-_TAPL, _STATE, _STORES, _JOINED = "tapl", "state", "tapl.stores", "tapl.joined"
+#: The ConfigRecord of every message, the ArrayRecord of its tensors, and the node's state record of the run's
+#: config and its client (kept when it joined).
+_TAPL, _STATE, _JOINED = "tapl", "state", "tapl.joined"
 
 
 class ClientFailed(TaplError, RuntimeError):
@@ -79,16 +83,6 @@ def _state(content: RecordDict) -> ComponentState:
     if _STATE not in content:
         return {}
     return unflatten(dict(content[_STATE].to_torch_state_dict()))
-
-
-def _to_bytes(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.getvalue()
-
-
-def _from_bytes(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=True)
 
 
 # -- the client side ---------------------------------------------------------------------------------------------
@@ -129,19 +123,65 @@ def node_client(node_config: Mapping[str, Any], clients: Sequence[int]) -> int:
     return client
 
 
-def _restore_stores(context: Context, worker: ClientWorker, client: int) -> None:
-    """Put the node's stores (kept in its ``Context.state``) into the worker, and only those."""
-    kept = context.state.get(_STORES)
-    for name, store in (("store", worker.store), ("engine_store", worker.engine_store)):
-        store.load_state_dict({} if kept is None or name not in kept else {str(client): _from_bytes(bytes(kept[name]))})
+def node_state_dir(node_config: Mapping[str, Any]) -> Path:
+    """Where a node keeps its clients' stores: its node config's ``tapl-state-dir``, else ``flower-nodes`` in
+    tapl's cache (``$TAPL_CACHE``, ``~/.cache/tapl``)."""
+    if STATE_DIR in node_config:
+        return Path(str(node_config[STATE_DIR])).expanduser()
+    return cache_dir() / "flower-nodes"
 
 
-def _keep_stores(context: Context, worker: ClientWorker, client: int) -> None:
-    kept = {}
-    for name, store in (("store", worker.store), ("engine_store", worker.engine_store)):
-        if client in store:
-            kept[name] = _to_bytes(store.checkout(client))
-    context.state[_STORES] = ConfigRecord(kept)
+class NodeStores:
+    """A client's stores on its node's disk: one file per version, the version named by the piece of work that
+    made it (``round-000003``: the visit of round 3; ``post-federation``).
+
+    The server says which version a piece of work starts from (the last one it accepted, so a visit it counted
+    as failed is forgotten here too) and which version its last checkpoint holds; every other file goes once a
+    new version is written. A resumed server therefore finds the versions of its checkpoint, and a restarted
+    node the versions it had.
+
+    Args:
+        root: The node's state directory (:func:`node_state_dir`).
+        run: The tapl run (a key the server makes once and keeps in its checkpoints).
+        client: The node's client.
+    """
+
+    def __init__(self, root: Path, run: str, client: int) -> None:
+        self.client = client
+        self.dir = root / run / f"client-{client}"
+
+    def load(self, worker: ClientWorker, version: str) -> None:
+        """Put ``version`` of the client's stores (empty for ``""``) into ``worker``, and nothing else.
+
+        Raises:
+            FileNotFoundError: if the node does not hold that version.
+        """
+        kept: dict[str, Any] = {}
+        if version:
+            path = self.dir / f"{version}.pt"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"the node holds no version {version} of client {self.client}'s state in {self.dir} "
+                    "(its state directory was deleted, or the client moved to another node)"
+                )
+            kept = torch.load(path, weights_only=True)
+        for name, store in (("store", worker.store), ("engine_store", worker.engine_store)):
+            store.load_state_dict({str(self.client): kept[name]} if name in kept else {})
+
+    def save(self, worker: ClientWorker, version: str, keep: set[str]) -> None:
+        """Write the worker's stores of the client as ``version``; remove every other version but ``keep``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        kept = {
+            name: store.checkout(self.client)
+            for name, store in (("store", worker.store), ("engine_store", worker.engine_store))
+            if self.client in store
+        }
+        partial = self.dir / f".{version}.pt.partial"
+        torch.save(kept, partial)
+        partial.replace(self.dir / f"{version}.pt")
+        for path in self.dir.glob("*.pt"):
+            if path.stem not in {version, *keep}:
+                path.unlink()
 
 
 def _reply_to(message: Message, work: Callable[[], tuple[dict[str, Any], ComponentState | None]]) -> Message:
@@ -170,8 +210,9 @@ Work = Callable[[ClientWorker, int, int, dict[str, Any], ComponentState], tuple[
 
 
 def _client_work(build: WorkerBuilder, work: Work) -> Callable[[Message, Context], Message]:
-    """A ClientApp handler running ``work(worker, client, round, payload, received)`` on the node's client; an
-    exception becomes an error reply, and the node's stores change only when the work succeeded."""
+    """A ClientApp handler running ``work(worker, client, round, payload, received)`` on the node's client, from
+    the version of its stores the message names; an exception becomes an error reply, and a new version of the
+    stores is written only when the work succeeded (and the message names one: an evaluation does not)."""
 
     @functools.wraps(work)
     def handler(message: Message, context: Context) -> Message:
@@ -183,11 +224,14 @@ def _client_work(build: WorkerBuilder, work: Work) -> Callable[[Message, Context
             client, config = int(joined["client"]), message.content[_TAPL]
             if int(config["client"]) != client:
                 raise ValueError(f"work of client {config['client']} was sent to the node of client {client}")
-            _restore_stores(context, worker, client)
+            stores = NodeStores(node_state_dir(context.node_config), str(config["run"]), client)
+            base, version = str(config["base"]), str(config["version"])
+            stores.load(worker, base)
             payload, state = work(
                 worker, client, int(config["round"]), _payload(message.content), _state(message.content)
             )
-            _keep_stores(context, worker, client)
+            if version:
+                stores.save(worker, version, {base, str(config["keep"])})
             return payload, state
 
         return _reply_to(message, run)
@@ -228,8 +272,9 @@ def client_app(build: WorkerBuilder) -> ClientApp:
 
 # -- the server side ---------------------------------------------------------------------------------------------
 
-#: One piece of client work to send: the client, the message type, its payload and the tensors it carries.
-Request = tuple[int, str, Mapping[str, Any], ComponentState | None]
+#: One piece of client work to send: the client, the message type, its payload, the tensors it carries, and the
+#: version of the client's stores it makes ("": it changes none).
+Request = tuple[int, str, Mapping[str, Any], ComponentState | None, str]
 #: A node's answer to a request: its payload and tensors, or why there is none.
 Answer = tuple[dict[str, Any], ComponentState] | ClientFailed | ClientUnreachable
 #: Flower's error codes of a message that never reached a node or whose reply never came back.
@@ -274,6 +319,12 @@ class FlowerWorker(ClientWorker):
         self.reply_timeout = reply_timeout
         #: tapl client id -> the node id of its SuperNode.
         self.nodes: dict[int, int] = {}
+        #: The run's key on the nodes (their stores of it are under that name); kept in checkpoints.
+        self.run = uuid4().hex
+        #: Client id -> the version of its stores the server accepted last (none: empty stores).
+        self.versions: dict[int, str] = {}
+        #: The versions the last checkpoint holds: the nodes keep them.
+        self._kept: dict[int, str] = {}
         #: Nodes that joined (or failed to), so as not to ask them again.
         self._asked: set[int] = set()
         self._wait_for_every_client(join_timeout)
@@ -347,13 +398,16 @@ class FlowerWorker(ClientWorker):
         self._join_new_nodes()
         live = set(self.grid.get_node_ids())
         messages: dict[int, Message] = {}
-        for client, message_type, payload, state in requests:
+        for client, message_type, payload, state, version in requests:
             node = self.nodes.get(client)
             if node not in live:
                 yield client, ClientUnreachable(f"the SuperNode of client {client} left the federation")
                 continue
             started(client)
-            messages[client] = self._message(node, message_type, payload, state=state, client=client, round=round)
+            stores = {"run": self.run, "base": self.versions.get(client, ""), "keep": self._kept.get(client, "")}
+            messages[client] = self._message(
+                node, message_type, payload, state=state, client=client, round=round, version=version, **stores
+            )
         yield from self._push(messages)
 
     def visit_all(
@@ -361,7 +415,8 @@ class FlowerWorker(ClientWorker):
     ) -> Iterator[tuple[int, ClientUpdate | Exception]]:
         """Every client's visit on its node, all at once: its upload, checked again on arrival, or why there is
         none (:class:`ClientFailed` with the node's error, e.g. ``ValueError: ...``; :class:`ClientUnreachable`)."""
-        requests = [(i.client, VISIT, {"config": i.config}, i.state) for i in instructions]
+        version = f"round-{round:06d}"
+        requests = [(i.client, VISIT, {"config": i.config}, i.state, version) for i in instructions]
         for client, answer in self._exchange(round, requests, started):
             if isinstance(answer, Exception):
                 yield client, answer
@@ -379,6 +434,7 @@ class FlowerWorker(ClientWorker):
             except Exception as error:
                 yield client, error
             else:
+                self.versions[client] = version
                 yield client, update
 
     def evaluate_all(
@@ -389,7 +445,7 @@ class FlowerWorker(ClientWorker):
         Raises:
             ClientFailed: with the error of a node whose evaluation raised.
         """
-        requests = [(client, EVALUATE, {"split": split}, state) for client, state in received.items()]
+        requests = [(client, EVALUATE, {"split": split}, state, "") for client, state in received.items()]
         for client, answer in self._exchange(round, requests, started):
             if isinstance(answer, ClientFailed):
                 raise answer
@@ -407,32 +463,41 @@ class FlowerWorker(ClientWorker):
             ClientFailed: with the error of a node whose stage raised.
             ClientUnreachable: for a client whose node left (the stage resumes at it).
         """
-        requests = [(client, POST_FEDERATION, {"fine_tune": fine_tune}, state) for client, state in received.items()]
+        version = "post-federation"
+        requests = [(c, POST_FEDERATION, {"fine_tune": fine_tune}, state, version) for c, state in received.items()]
         for client, answer in self._exchange(round, requests, lambda client: notify(client, "post-federation")):
             if isinstance(answer, Exception):
                 raise answer
+            self.versions[client] = version
             payload = answer[0]
             for step in payload["steps"]:
                 notify(client, step)
             yield client, payload["record"]
 
     def state_dict(self) -> dict[str, Any]:
-        """Nothing of the clients: their stores live on their nodes."""
-        return {"client_store": {}, "engine_store": {}, STORES_ON_NODES: True}
+        """Nothing of the clients' stores (they stay on their nodes): the run's key and the version of each
+        client's stores, which the nodes keep from now on."""
+        self._kept = dict(self.versions)
+        nodes = {"run": self.run, "versions": {str(c): v for c, v in self.versions.items()}}
+        return {"client_store": {}, "engine_store": {}, STORES_ON_NODES: nodes}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Accept a checkpoint without client stores only (those of an in-process run cannot be sent to nodes).
+        """Resume the run's key and versions of a checkpoint of a Flower run; an in-process run's checkpoint only
+        without client stores (its nodes start with empty stores, as its clients had).
 
         Raises:
-            ValueError: if the checkpoint holds client stores.
-            RunDirError: for a Flower run's checkpoint (simulated nodes lose their stores when a run ends).
+            ValueError: if the checkpoint holds client stores (those of an in-process run are not on any node).
         """
         if state["client_store"] or state["engine_store"]:
             raise ValueError(
                 "the checkpoint holds client stores of an in-process run: the Flower runtime keeps them on the "
                 "nodes and cannot resume it; resume with --runtime inprocess"
             )
-        super().load_state_dict(state)  # refuses a Flower run's checkpoint: its nodes' stores are not in it
+        nodes = state.get(STORES_ON_NODES)
+        if nodes:
+            self.run = str(nodes["run"])
+            self.versions = {int(c): str(v) for c, v in nodes["versions"].items()}
+            self._kept = dict(self.versions)
 
 
 def _answer(reply: Message) -> Answer:
@@ -449,37 +514,42 @@ def _answer(reply: Message) -> Answer:
 _POLL_SECONDS = 0.2
 
 
+#: What the server side does with the federation once its clients are on the nodes: ``orchestrator.fit`` (resuming
+#: from a checkpoint or not) or ``orchestrator.test``; it returns the final results.
+Job = Callable[[], dict[str, Any]]
+
+
 def run(
     orchestrator: FederatedOrchestrator,
     grid: Grid,
-    ckpt_path: str | None = None,
+    job: Job,
     reply_timeout: float | None = None,
     join_timeout: float | None = None,
 ) -> dict[str, Any]:
-    """Run ``orchestrator``'s federation with its clients on the nodes of ``grid`` (inside a ServerApp).
+    """Run ``job`` with ``orchestrator``'s clients on the nodes of ``grid`` (inside a ServerApp).
 
     Returns:
-        The final results, as :meth:`~tapl.federation.FederatedOrchestrator.fit` returns them.
+        What ``job`` returns: the final results.
     """
     if orchestrator.config_text is None:
         raise ValueError("the Flower runtime needs the orchestrator's config text (build it with TaplCLI)")
     orchestrator.worker_factory = functools.partial(
         FlowerWorker, grid, orchestrator.config_text, reply_timeout=reply_timeout, join_timeout=join_timeout
     )
-    return orchestrator.fit(ckpt_path=ckpt_path)
+    return job()
 
 
-def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_path: str | None = None) -> dict[str, Any]:
-    """Run ``orchestrator``'s federation on Flower's simulation runtime, one SuperNode per client, each simulated
+def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, job: Job) -> dict[str, Any]:
+    """Run ``job`` on Flower's simulation runtime, one SuperNode per client of ``orchestrator``, each simulated
     ClientApp on one CPU.
 
     Args:
         orchestrator: The federation (built from a config: its ``config_text`` goes to the nodes).
         build: Builds the client side of that config on a node (:func:`tapl.cli.node_worker`).
-        ckpt_path: As for :meth:`~tapl.federation.FederatedOrchestrator.fit`.
+        job: ``orchestrator.fit`` or ``orchestrator.test``, with their arguments.
 
     Returns:
-        The final results, as :meth:`~tapl.federation.FederatedOrchestrator.fit` returns them.
+        What ``job`` returns: the final results.
     """
     outcome: dict[str, Any] = {}
     server = ServerApp()
@@ -487,7 +557,7 @@ def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_pat
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["results"] = run(orchestrator, grid, ckpt_path)
+            outcome["results"] = run(orchestrator, grid, job)
         except BaseException as error:  # handed to the caller of run_simulation, which would only log it
             outcome["error"] = error
 
@@ -506,7 +576,7 @@ def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_pat
 
 @dataclass(frozen=True)
 class Deployment:
-    """The deployment whose ServerApp runs ``tapl fit`` (launched with ``flwr run``)."""
+    """The deployment whose ServerApp runs ``tapl fit`` or ``tapl test`` (launched with ``flwr run``)."""
 
     grid: Grid
     reply_timeout: float | None = None
@@ -516,40 +586,47 @@ class Deployment:
 _deployment: ContextVar[Deployment | None] = ContextVar("tapl_flower_deployment", default=None)
 
 
-def fit(orchestrator: FederatedOrchestrator, build: WorkerBuilder, ckpt_path: str | None = None) -> dict[str, Any]:
-    """Run ``orchestrator``'s federation on Flower: on the deployment whose ServerApp runs this (:func:`server_app`),
-    else on Flower's simulation runtime (:func:`simulate`)."""
+def on_flower(orchestrator: FederatedOrchestrator, build: WorkerBuilder, job: Job) -> dict[str, Any]:
+    """Run ``job`` with ``orchestrator``'s clients on Flower: on the deployment whose ServerApp runs this
+    (:func:`server_app`), else on Flower's simulation runtime (:func:`simulate`)."""
     deployment = _deployment.get()
     if deployment is None:
-        return simulate(orchestrator, build, ckpt_path)
-    return run(orchestrator, deployment.grid, ckpt_path, deployment.reply_timeout, deployment.join_timeout)
+        return simulate(orchestrator, build, job)
+    return run(orchestrator, deployment.grid, job, deployment.reply_timeout, deployment.join_timeout)
 
 
 def _seconds(value: Any) -> float | None:
     return float(value) if float(value) > 0 else None
 
 
+#: The tapl commands a deployed ServerApp runs.
+COMMANDS = ("fit", "test")
+
+
 def server_app(tapl_main: Callable[[list[str]], None]) -> ServerApp:
-    """The ServerApp of a deployment: ``tapl fit ARGS --runtime flower`` on the SuperLink's machine, through
+    """The ServerApp of a deployment: ``tapl COMMAND ARGS --runtime flower`` on the SuperLink's machine, through
     ``tapl_main`` (:func:`tapl.cli.main`), with the clients on the SuperNodes.
 
-    Its run config (``flwr run ... --run-config``): ``args``, the arguments of ``tapl fit`` (paths are those of the
-    SuperLink's machine); ``reply-timeout``, seconds to wait for a round's replies (0: until every node replied
-    or left); ``join-timeout``, seconds to wait for every client's SuperNode to join (0: no limit).
+    Its run config (``flwr run ... --run-config``): ``command``, ``fit`` or ``test``; ``args``, the arguments of
+    the command (paths are those of the SuperLink's machine); ``reply-timeout``, seconds to wait for a round's
+    replies (0: until every node replied or left); ``join-timeout``, seconds to wait for every client's SuperNode
+    to join (0: no limit).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = context.run_config
-        args = shlex.split(str(config.get("args", "")))
+        command, args = str(config.get("command", "fit")), shlex.split(str(config.get("args", "")))
+        if command not in COMMANDS:
+            raise ValueError(f"run config command={command!r}: give one of {COMMANDS}")
         timeouts = (_seconds(config.get("reply-timeout", 0)), _seconds(config.get("join-timeout", 0)))
         token = _deployment.set(Deployment(grid, *timeouts))
         try:
-            tapl_main(["fit", *args, "--runtime", "flower"])
+            tapl_main([command, *args, "--runtime", "flower"])
         except SystemExit as exit:
             if exit.code:
-                raise RuntimeError(f"tapl fit {shlex.join(args)} failed with exit status {exit.code}") from None
+                raise RuntimeError(f"tapl {command} {shlex.join(args)} failed with exit status {exit.code}") from None
         finally:
             _deployment.reset(token)
 

@@ -154,7 +154,7 @@ class LocalDeployment:
             return False
 
     def start_node(self, client: int) -> None:
-        """Start (or restart) the SuperNode of ``client``."""
+        """Start (or restart) the SuperNode of ``client``; it keeps its stores in ``workdir/state-ID``."""
         self.supernodes[client] = self._spawn(
             f"supernode-{client}",
             [
@@ -167,7 +167,7 @@ class LocalDeployment:
                 "--port",
                 str(self._node_ports[client]),
                 "--node-config",
-                f"tapl-client={client}",
+                f'tapl-client={client} tapl-state-dir="{self.workdir / f"state-{client}"}"',
             ],
         )
 
@@ -180,24 +180,47 @@ class LocalDeployment:
         for child in children:
             child.kill()
 
-    def run(self, tapl_args: list[str], timeout: float = 600, **run_config: float | str) -> RunOutcome:
-        """``flwr run`` of the tapl Flower App with ``tapl fit`` arguments ``tapl_args``, until the run ends.
+    def run(
+        self, tapl_args: list[str], command: str = "fit", timeout: float = 600, **run_config: float | str
+    ) -> RunOutcome:
+        """``flwr run`` of the tapl Flower App: ``tapl COMMAND TAPL_ARGS`` on the deployment, until the run ends.
 
         Args:
-            tapl_args: Arguments of ``tapl fit`` (the run config's ``args``).
+            tapl_args: Arguments of ``tapl fit`` or ``tapl test`` (the run config's ``args``).
+            command: ``fit`` or ``test``.
             timeout: Seconds to wait for the run.
             run_config: More run config, e.g. ``reply_timeout=30`` for ``reply-timeout``.
         """
-        config = {"args": shlex.join(tapl_args), **{k.replace("_", "-"): v for k, v in run_config.items()}}
+        run_id, output = self._submit(tapl_args, command, run_config, timeout, stream=True)
+        listed = self._flwr(["ls", "--run-id", str(run_id), "--format", "json"], 60)
+        run = json.loads(listed.stdout)["runs"][0]
+        return RunOutcome(run_id, str(run["status"]), str(run.get("status-details", "")), output)
+
+    def launch(self, tapl_args: list[str], command: str = "fit", **run_config: float | str) -> int:
+        """Start ``tapl COMMAND TAPL_ARGS`` on the deployment without waiting for it; return the Flower run id."""
+        return self._submit(tapl_args, command, run_config, 120, stream=False)[0]
+
+    def _submit(
+        self, tapl_args: list[str], command: str, run_config: dict[str, float | str], timeout: float, stream: bool
+    ) -> tuple[int, str]:
+        config = {
+            "command": command,
+            "args": shlex.join(tapl_args),
+            **{key.replace("_", "-"): value for key, value in run_config.items()},
+        }
         overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in config.items())
-        launched = self._flwr(["run", str(APP_DIR), CONNECTION, "--run-config", overrides, "--stream"], timeout)
+        args = ["run", str(APP_DIR), CONNECTION, "--run-config", overrides, *(["--stream"] if stream else [])]
+        launched = self._flwr(args, timeout)
         found = re.search(r"Successfully started run (\d+)", launched.stdout)
         if found is None:
             raise DeploymentError(f"flwr run did not start a run:\n{launched.stdout}\n{launched.stderr}")
-        run_id = int(found.group(1))
-        listed = self._flwr(["ls", "--run-id", str(run_id), "--format", "json"], 60)
-        run = json.loads(listed.stdout)["runs"][0]
-        return RunOutcome(run_id, str(run["status"]), str(run.get("status-details", "")), launched.stdout)
+        return int(found.group(1)), launched.stdout
+
+    def stop_run(self, run_id: int) -> None:
+        """Stop a run (``flwr stop``): its ServerApp ends at once, as a killed server would."""
+        stopped = self._flwr(["stop", str(run_id), CONNECTION], 60)
+        if stopped.returncode != 0:
+            raise DeploymentError(f"flwr stop {run_id} failed:\n{stopped.stdout}\n{stopped.stderr}")
 
     def _flwr(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         env = {**self.env, "FLWR_HOME": str(self._cli_home)}

@@ -13,10 +13,17 @@ import pytest
 from helpers import fit_tiny, read_records, read_results, tiny_config, write_config
 
 from tapl.algorithms import ClientContext, ClientUpdate, FedAvg
+from tapl.cli import main
 from tapl.run_dir import RunDirectory
 
 HAS_FLOWER = importlib.util.find_spec("flwr") is not None
 needs_flower = pytest.mark.skipif(not HAS_FLOWER, reason="Flower is not installed (pip install -e '.[flower]')")
+
+
+@pytest.fixture(autouse=True)
+def node_states(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated nodes keep their clients' stores in tapl's cache: this test's own."""
+    monkeypatch.setenv("TAPL_CACHE", str(tmp_path / "cache"))
 
 
 def final_global_state(run_dir: Path) -> dict:
@@ -98,7 +105,7 @@ class CountingAndFailing(FedAvg):
 
 @pytest.mark.slow
 @needs_flower
-def test_on_flower_a_store_stays_on_its_node_and_a_failing_client_is_a_failure_of_its_round(
+def test_on_flower_stores_stay_on_the_nodes_a_failing_client_fails_its_round_and_a_run_resumes_and_tests(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The simulated nodes import this module by name to build the algorithm of the config.
@@ -109,32 +116,36 @@ def test_on_flower_a_store_stays_on_its_node_and_a_failing_client_is_a_failure_o
     flower = fit_tiny(tmp_path / "flower", assets, *args, "--runtime", "flower", rounds=3, clients_per_round=4)
 
     expected, got = read_records(inprocess), read_records(flower)
-    assert [r["train"] for r in got] == [r["train"] for r in expected]
     assert [r["train"]["1"]["visits"] for r in got] == [1, 2, 3]
     assert [r["train"]["0"]["visits"] for r in got if "0" in r["train"]] == [1, 2]  # the failed visit did not count
     assert got[1]["failed_clients"] == {"0": "ClientFailed: RuntimeError: client 0 fails in round 2"}
     assert expected[1]["failed_clients"] == {"0": "RuntimeError: client 0 fails in round 2"}
-    for record in (*expected, *got):
-        record.pop("failed_clients")
-    assert got == expected
+    assert_same_run(flower, inprocess, failures_alike=True)
+    # Nothing of a client's store is in the server's checkpoint: each client's node keeps it.
+    directory = RunDirectory(flower)
+    _, payload = directory.load_checkpoint(directory.resolve_checkpoint("last", prefer_final=True))
+    assert payload["client_store"] == {} and payload["engine_store"] == {}
+    kept = (Path(os.environ["TAPL_CACHE"]) / "flower-nodes").glob("*/client-*/post-federation.pt")
+    assert sorted(path.parent.name for path in kept) == [f"client-{c}" for c in range(4)]
 
-    # Its checkpoints hold no client stores: resuming it, in process or on Flower, is refused, not started afresh.
-    for runtime in ("inprocess", "flower"):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stopped:
-            fit_tiny(
-                tmp_path / "flower",
-                assets,
-                *args,
-                "--runtime",
-                runtime,
-                "--ckpt_path",
-                "last",
-                rounds=4,
-                clients_per_round=4,
-            )
-        assert stopped.value.code == 1
-        assert "those stores are not in it, so it cannot be resumed" in capsys.readouterr().err
+    # Resumed to a 4th round on Flower, the stores go on from the nodes, as they do from the checkpoint in process.
+    more = ("--ckpt_path", "last")
+    fit_tiny(inprocess, assets, *args, *more, rounds=4, clients_per_round=4)
+    fit_tiny(flower, assets, *args, "--runtime", "flower", *more, rounds=4, clients_per_round=4)
+    assert [r["train"]["1"]["visits"] for r in read_records(flower)] == [1, 2, 3, 4]
+    assert_same_run(flower, inprocess, failures_alike=True)
+
+    # Tested on Flower, each node evaluates its client's models as they were at the end.
+    results = read_results(flower)
+    main(["test", "--config", str(flower / "config.yaml"), "--runtime", "flower"])
+    assert read_results(flower) == results
+
+    # In process, the run cannot be resumed: its stores are on the nodes.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        fit_tiny(flower, assets, *args, *more, rounds=5, clients_per_round=4)
+    assert stopped.value.code == 1
+    assert "resume or test it with --runtime flower" in capsys.readouterr().err
 
 
 def three_clients(assets: dict[str, Path], run_dir: Path, **federation: object) -> Path:
@@ -178,7 +189,6 @@ class StallingClient(FedAvg):
 def test_on_a_deployment_launched_with_flwr_run_a_killed_supernode_fails_its_client_and_a_restarted_one_rejoins(
     assets: dict[str, Path], tmp_path: Path
 ) -> None:
-    from tapl.cli import main
     from tapl.runtimes.flower_localhost import LocalDeployment
 
     algorithm = ["--algorithm", f"{__name__}.StallingClient"]
