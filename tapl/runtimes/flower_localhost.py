@@ -179,6 +179,7 @@ class LocalDeployment:
         process.wait()
         for child in children:
             child.kill()
+        psutil.wait_procs(children, timeout=5)
 
     def run(
         self, tapl_args: list[str], command: str = "fit", timeout: float = 600, **run_config: float | str
@@ -229,7 +230,8 @@ class LocalDeployment:
         )
 
     def stop(self) -> None:
-        """Stop the SuperNodes, then the SuperLink (SIGTERM, then SIGKILL after 10 s), and whatever they started."""
+        """Stop the SuperNodes, then the SuperLink (SIGTERM, then SIGKILL after 10 s), then whatever they started
+        (it stops on its own once its parent is gone; SIGKILL after 5 s)."""
         processes = [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]
         started = [child for process in processes if process.poll() is None for child in _descendants(process.pid)]
         for process in processes:
@@ -240,9 +242,10 @@ class LocalDeployment:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        for child in started:
-            if child.is_running():
-                child.kill()
+        _, lingering = psutil.wait_procs(started, timeout=5)
+        for child in lingering:
+            child.kill()
+        psutil.wait_procs(lingering, timeout=5)
         self.supernodes.clear()
         self.superlink = None
         if self._tmp is not None:
