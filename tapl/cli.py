@@ -101,11 +101,7 @@ class Commands:
                 this, launched with ``flwr run``; needs ``pip install -e '.[flower]'``).
         """
         assert self.orchestrator is not None, "fit needs the federation that TaplCLI builds"
-        job = functools.partial(self.orchestrator.fit, ckpt_path=ckpt_path)
-        if runtime == "flower":
-            flower_runtime().on_flower(self.orchestrator, node_worker, job)
-        else:
-            job()
+        self._run(functools.partial(self.orchestrator.fit, ckpt_path=ckpt_path), runtime)
 
     def test(
         self,
@@ -125,7 +121,10 @@ class Commands:
                 nodes, so it is tested there).
         """
         assert self.orchestrator is not None, "test needs the federation that TaplCLI builds"
-        job = functools.partial(self.orchestrator.test, ckpt_path=ckpt_path)
+        self._run(functools.partial(self.orchestrator.test, ckpt_path=ckpt_path), runtime)
+
+    def _run(self, job: Callable[[], Any], runtime: str) -> None:
+        """``job`` (the orchestrator's fit or test) here, or with the clients on Flower."""
         if runtime == "flower":
             flower_runtime().on_flower(self.orchestrator, node_worker, job)
         else:
