@@ -24,11 +24,9 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
@@ -38,11 +36,11 @@ from flwr.simulation import run_simulation
 from tapl.algorithms.base import Algorithm
 from tapl.api import ClientUpdate, FederationInfo, Instruction
 from tapl.components import ComponentShapes, ComponentState, flatten, unflatten
-from tapl.datamodules.sources import cache_dir
 from tapl.engine.clients import STORES_ON_NODES, ClientUnreachable, ClientWorker, Evaluated, check_upload
 from tapl.engine.local_training import LocalTraining
 from tapl.errors import TaplError
 from tapl.federation import FederatedOrchestrator
+from tapl.runtimes.node_stores import NodeStores, node_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +48,6 @@ log = logging.getLogger(__name__)
 TAPL_CLIENT = "tapl-client"
 #: The node config key of the simulation runtime's n-th SuperNode.
 PARTITION_ID = "partition-id"
-#: The node config key of the directory where a SuperNode keeps its clients' stores (default: tapl's cache).
-STATE_DIR = "tapl-state-dir"
 #: Message types: a round's visit, the post-federation stage, an evaluation, and a node joining the run.
 VISIT, POST_FEDERATION, EVALUATE, JOIN = "train", "train.post_federation", "evaluate", "query"
 #: ``Error.code`` of a client's work that raised (Flower's ``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``).
@@ -121,67 +117,6 @@ def node_client(node_config: Mapping[str, Any], clients: Sequence[int]) -> int:
     if client not in clients:
         raise ValueError(f"{TAPL_CLIENT}={client}: the federation has clients {sorted(clients)}")
     return client
-
-
-def node_state_dir(node_config: Mapping[str, Any]) -> Path:
-    """Where a node keeps its clients' stores: its node config's ``tapl-state-dir``, else ``flower-nodes`` in
-    tapl's cache (``$TAPL_CACHE``, ``~/.cache/tapl``)."""
-    if STATE_DIR in node_config:
-        return Path(str(node_config[STATE_DIR])).expanduser()
-    return cache_dir() / "flower-nodes"
-
-
-class NodeStores:
-    """A client's stores on its node's disk: one file per version, the version named by the piece of work that
-    made it (``round-000003``: the visit of round 3; ``post-federation``).
-
-    The server says which version a piece of work starts from (the last one it accepted, so a visit it counted
-    as failed is forgotten here too) and which version its last checkpoint holds; every other file goes once a
-    new version is written. A resumed server therefore finds the versions of its checkpoint, and a restarted
-    node the versions it had.
-
-    Args:
-        root: The node's state directory (:func:`node_state_dir`).
-        run: The tapl run (a key the server makes once and keeps in its checkpoints).
-        client: The node's client.
-    """
-
-    def __init__(self, root: Path, run: str, client: int) -> None:
-        self.client = client
-        self.dir = root / run / f"client-{client}"
-
-    def load(self, worker: ClientWorker, version: str) -> None:
-        """Put ``version`` of the client's stores (empty for ``""``) into ``worker``, and nothing else.
-
-        Raises:
-            FileNotFoundError: if the node does not hold that version.
-        """
-        kept: dict[str, Any] = {}
-        if version:
-            path = self.dir / f"{version}.pt"
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"the node holds no version {version} of client {self.client}'s state in {self.dir} "
-                    "(its state directory was deleted, or the client moved to another node)"
-                )
-            kept = torch.load(path, weights_only=True)
-        for name, store in (("store", worker.store), ("engine_store", worker.engine_store)):
-            store.load_state_dict({str(self.client): kept[name]} if name in kept else {})
-
-    def save(self, worker: ClientWorker, version: str, keep: set[str]) -> None:
-        """Write the worker's stores of the client as ``version``; remove every other version but ``keep``."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        kept = {
-            name: store.checkout(self.client)
-            for name, store in (("store", worker.store), ("engine_store", worker.engine_store))
-            if self.client in store
-        }
-        partial = self.dir / f".{version}.pt.partial"
-        torch.save(kept, partial)
-        partial.replace(self.dir / f"{version}.pt")
-        for path in self.dir.glob("*.pt"):
-            if path.stem not in {version, *keep}:
-                path.unlink()
 
 
 def _reply_to(message: Message, work: Callable[[], tuple[dict[str, Any], ComponentState | None]]) -> Message:
