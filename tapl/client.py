@@ -165,7 +165,14 @@ class ClientModule(LightningModule):
     @override
     def configure_optimizers(self) -> Optimizer:
         optimizer = self.optimizer_factory(self.model.parameters_of(self.components))
-        if self.lr is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr(group["lr"]) if callable(self.lr) else self.lr
+        set_learning_rate(optimizer, self.lr)
         return optimizer
+
+
+def set_learning_rate(optimizer: Optimizer, lr: float | Callable[[float], float] | None) -> None:
+    """Override every parameter group's learning rate: with ``lr``, or with ``lr(configured rate)`` for a function
+    (e.g. a warm-up factor); ``None`` keeps the configured rates."""
+    if lr is None:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = lr(group["lr"]) if callable(lr) else lr

@@ -37,6 +37,7 @@ from tapl.components import (
     shapes_of,
 )
 from tapl.datamodules.federated import FederatedDataModule
+from tapl.engine.batched import BatchedClientWorker
 from tapl.engine.callbacks import EngineCallback
 from tapl.engine.checkpointing import (
     Checkpoint,
@@ -144,7 +145,7 @@ class FederatedOrchestrator:
         #: Builds the client side at set-up from the federation, the algorithm, the local training and the
         #: component shapes; a distributed runtime puts a proxy of its nodes here (see :mod:`tapl.runtimes`).
         self.worker_factory: Callable[[FederationInfo, Algorithm, LocalTraining, ComponentShapes], ClientWorker] = (
-            ClientWorker
+            BatchedClientWorker if self.config.execution == "batched" else ClientWorker
         )
         #: Clients whose post-federation stage is done, in order.
         self.post_done: list[int] = []

@@ -34,9 +34,9 @@ def save_tiny_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def make_tiny_bert(directory: Path) -> Path:
+def make_tiny_bert(directory: Path, dropout: float = 0.1) -> Path:
     """Save a 2-layer BERT (hidden 32) with a word-level tokenizer into ``directory``; its weights are drawn
-    from seed 0, whatever ran before (golden runs depend on them)."""
+    from seed 0, whatever ran before (golden runs depend on them). ``dropout``: its hidden and attention dropout."""
     import torch
     from transformers import BertConfig, BertModel
 
@@ -48,6 +48,8 @@ def make_tiny_bert(directory: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -119,6 +119,7 @@ class TaskData:
         val_fraction: Share of the pool held out for validation.
         test_fraction: Share of the pool held out for testing.
         head_hidden: Hidden width of the task head (``None``: the encoder width).
+        head_dropout: Dropout inside the task head while training.
         bertscore_model: Text generation: also score the generated text with BERTScore F1 (``bertscore_f1``),
             embedding with this model (hub name, local directory or ``package:MODULE/SUBDIR``; its last
             layer, no idf weighting). ``None``: no BERTScore.
@@ -143,6 +144,7 @@ class TaskData:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     head_hidden: int | None = None
+    head_dropout: float = 0.1
     target_template: str | None = None
     bertscore_model: str | None = None
     meteor: bool = False
@@ -189,6 +191,7 @@ class TaskData:
             num_classes=self.num_classes,
             target_length=self.target_length,
             head_hidden=self.head_hidden,
+            head_dropout=self.head_dropout,
             bertscore_model=self.bertscore_model,
             meteor=self.meteor,
         )

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from tapl.plateau import Plateau
 from tapl.sampling import SAMPLINGS, Sampling
+
+#: How a round's client visits run in one process (see ``FederationConfig.execution``).
+Execution = Literal["sequential", "batched"]
+EXECUTIONS: tuple[str, ...] = get_args(Execution)
 
 #: Settings (dotted keys of the resolved configuration) that may differ when a run resumes: they change when the
 #: run stops, how it shows progress, or where it is, never what a round computes. Any other difference from the
@@ -55,6 +60,15 @@ class FederationConfig:
         holdout_clients: Ids of clients that never take part in the rounds: they are evaluated like every
             client (and fine-tuned after the rounds) to measure generalization to clients the federation never
             trained on; summaries cover the participating clients and, separately, the held-out ones.
+        execution: How a round's visits (and the post-federation stages) run in this process: ``"sequential"``,
+            one ``Trainer.fit`` per client fit; ``"batched"``, the fits of many clients as one ``Trainer.fit`` over
+            their stacked tensors (the frozen backbone computed once for all their rows), equal to sequential fits up
+            to float rounding and dropout draws (see :mod:`tapl.engine.batched`). Batched runs on one device; fits
+            with their own training step (Per-FedAvg) or whose slices sit in layers it cannot stack run one after
+            another, with a notice.
+        batched_rows: With ``execution: batched``, the most training rows one batched step holds (clients times
+            ``data.batch_size``): the memory budget that splits a round's clients into cohorts run one after
+            another. Lower it when a batched step runs out of memory.
     """
 
     rounds: int = 10
@@ -72,6 +86,8 @@ class FederationConfig:
     plateau_window: int = 0
     plateau_tolerance: float = 0.01
     holdout_clients: list[int] = field(default_factory=list)
+    execution: Execution = "sequential"
+    batched_rows: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "eval_every", "checkpoint_every"):
@@ -88,6 +104,10 @@ class FederationConfig:
             raise ValueError("federation.warmup_rounds must be >= 0 and federation.warmup_start_lr > 0")
         if self.finetune_steps < 0 or self.finetune_lr <= 0:
             raise ValueError("federation.finetune_steps must be >= 0 and federation.finetune_lr > 0")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"federation.execution must be one of {list(EXECUTIONS)}, got {self.execution!r}")
+        if self.batched_rows < 1:
+            raise ValueError(f"federation.batched_rows must be >= 1, got {self.batched_rows}")
         Plateau(self.plateau_window, self.plateau_tolerance)  # validates both
 
     def lr_for_round(self, round: int) -> Callable[[float], float] | None:

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import Callback
 from torch import nn
@@ -16,6 +17,7 @@ from tapl.client import ClientModule, OptimizerFactory
 from tapl.components import ComponentState
 from tapl.datamodules.collate import MultiTaskCollator
 from tapl.datamodules.federated import FederatedDataModule
+from tapl.engine.cohort import CohortBatches, CohortModule, FitRequest, ResolvedFit
 from tapl.engine.config import FederationConfig
 from tapl.models.foundation import FoundationModel
 from tapl.objective import Objective
@@ -78,32 +80,103 @@ class LocalTraining:
         trainer_overrides: Mapping[str, Any] | None = None,
     ) -> FitResult:
         """One ``Trainer.fit`` of ``state`` on ``client``'s training data (see :meth:`ClientContext.fit`)."""
-        steps = steps or self.config.local_steps
-        schedule = self.config.lr_for_round(round) if lr is None else lr
-        seed = derive_seed(self.config.seed, *seed_key)
-        seed_everything(seed, workers=True, verbose=False)
-        components = sorted(state)
-        trained = components if trainable is None else sorted(trainable)
+        request = FitRequest(
+            client,
+            state,
+            round,
+            tuple(seed_key),
+            steps,
+            lr,
+            objective,
+            optimizer,
+            callbacks,
+            trainable,
+            trainer_overrides,
+        )
+        return self.run_fit(request)
+
+    def run_fit(self, request: FitRequest) -> FitResult:
+        """Run the fit ``request`` asks for (here, at once, on its own)."""
+        return self.fit_resolved(self.resolve(request))
+
+    def resolve(self, request: FitRequest) -> ResolvedFit:
+        """``request`` with the federation's defaults filled in: steps, the fit's seed and the trained components.
+
+        Raises:
+            ValueError: when the trainable components are not all in the fitted state.
+        """
+        components = sorted(request.state)
+        trained = components if request.trainable is None else sorted(request.trainable)
         outside = sorted(set(trained) - set(components))
         if outside:
             raise ValueError(f"trainable components {outside} are not in the fitted state {components}")
-        self.model.load_state(state, f"state fitted on client {client.id}")
-        self.model.set_trainable(trained)
+        steps = request.steps or self.config.local_steps
+        return ResolvedFit(request, steps, derive_seed(self.config.seed, *request.seed_key), components, trained)
+
+    def fit_resolved(self, fit: ResolvedFit) -> FitResult:
+        """One ``Trainer.fit`` of a resolved request."""
+        request = fit.request
+        client = request.client
+        schedule = self.config.lr_for_round(request.round) if request.lr is None else request.lr
+        seed_everything(fit.seed, workers=True, verbose=False)
+        self.model.load_state(request.state, f"state fitted on client {client.id}")
+        self.model.set_trainable(fit.trained)
         # Pretrained backbones load in eval mode; local training uses their dropout like any fine-tuning.
         self.model.train()
         module = ClientModule(
-            self.model, self._tasks(client), trained, optimizer or self.optimizer, schedule, objective
+            self.model,
+            self.tasks_of(client),
+            fit.trained,
+            request.optimizer or self.optimizer,
+            schedule,
+            request.objective,
         )
-        loader = self.data.train_dataloader(client.id, self.collate, seed)
+        loader = self.data.train_dataloader(client.id, self.collate, fit.seed)
         with quiet_lightning():
-            trainer = self.trainers.fit_trainer(steps, callbacks, trainer_overrides)
+            trainer = self.trainers.fit_trainer(fit.steps, request.callbacks, request.trainer_overrides)
             trainer.fit(module, train_dataloaders=loader)
-        return FitResult(self.model.get_state(components), module.train_loss(), trainer.global_step)
+        return FitResult(self.model.get_state(fit.components), module.train_loss(), trainer.global_step)
+
+    def fit_cohort(self, fits: Sequence[ResolvedFit], optimizer: OptimizerFactory) -> list[FitResult]:
+        """The fits of one cohort (equal :func:`~tapl.engine.cohort.cohort_key`) as one ``Trainer.fit`` (see
+        :mod:`tapl.engine.cohort`); each member's result, in order.
+
+        Raises:
+            NotBatchable: when the fits cannot run together (the caller runs them one by one).
+        """
+        first = fits[0]
+        states = [f.request.state for f in fits]
+        # Frozen components equal for every member stay loaded in the model instead of being stacked.
+        shared = [
+            c
+            for c in first.components
+            if c not in first.trained and all(torch.equal(s[c][k], states[0][c][k]) for s in states for k in s[c])
+        ]
+        loaders = [self.data.train_dataloader(f.request.client.id, self.collate, f.seed) for f in fits]
+        seed_everything(first.seed, workers=True, verbose=False)
+        self.model.load_state(states[0], f"state fitted on client {first.request.client.id}")
+        self.model.set_trainable([])
+        self.model.train()
+        schedule = self.config.lr_for_round(first.request.round) if first.request.lr is None else first.request.lr
+        module = CohortModule(
+            self.model,
+            fits,
+            [self.tasks_of(f.request.client) for f in fits],
+            optimizer,
+            schedule,
+            [f.request.objective or Objective() for f in fits],
+            shared,
+        )
+        trainer = self.trainers.fit_trainer(first.steps, (), first.request.trainer_overrides)
+        trainer.fit(module, train_dataloaders=CohortBatches(loaders, max(len(loader) for loader in loaders)))
+        trained = module.member_states(fits)
+        losses = module.train_losses()
+        return [FitResult(state, loss, trainer.global_step) for state, loss in zip(trained, losses, strict=True)]
 
     def evaluate(self, client: ClientInfo, state: ComponentState, split: str) -> dict[str, dict[str, float]]:
         """Metrics per task of ``state`` (the client's slice) on ``client``'s ``split``."""
         self.model.load_state(state, f"state evaluated on client {client.id}")
-        module = ClientModule(self.model, self._tasks(client), sorted(state), self.optimizer)
+        module = ClientModule(self.model, self.tasks_of(client), sorted(state), self.optimizer)
         loader = self.data.eval_dataloader(client.id, split, self.collate)
         if len(loader.dataset) == 0:
             self.last_examples = {}
@@ -113,5 +186,6 @@ class LocalTraining:
         self.last_examples = module.eval_examples
         return module.eval_results
 
-    def _tasks(self, client: ClientInfo) -> list[Task]:
+    def tasks_of(self, client: ClientInfo) -> list[Task]:
+        """The tasks of ``client``."""
         return [self.data.tasks[t] for t in client.tasks]

@@ -161,6 +161,10 @@ class FoundationModel(nn.Module):
         self._check_known([component])
         return dict(self._parameters_by_component[component])
 
+    def parameter_names(self) -> dict[str, dict[str, str]]:
+        """Per component and key of its states, the parameter's name in this module (``named_parameters``)."""
+        return {c: dict(names) for c, names in self._full_names.items()}
+
     def parameters_of(self, components: Iterable[str]) -> list[nn.Parameter]:
         """The trainable parameters of ``components``."""
         return [p for c in components for p in self._parameters_by_component[c].values()]
