@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric, SumMetric
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from tapl.datamodules.collate import TaskBatch, batch_size
 from tapl.models.foundation import FoundationModel
@@ -22,7 +22,26 @@ EXAMPLES_PER_TASK = 3
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
 
-class ClientModule(LightningModule):
+class SharedModelModule(LightningModule):
+    """A ``LightningModule`` over the process's one shared :class:`FoundationModel` (its ``model``), which stays
+    where it computes when a fit or an evaluation ends.
+
+    Lightning moves a module to its device when a fit starts (a no-op for tensors already there) and back to the
+    CPU when it ends; for the shared model that would copy the whole frozen backbone to the host and back at every
+    client visit on a GPU. Here :meth:`cpu` moves only the module's own parts (metrics, stacked tensors).
+    """
+
+    model: FoundationModel
+
+    @override
+    def cpu(self) -> Self:
+        for child in self.children():
+            if child is not self.model:
+                child.cpu()
+        return self
+
+
+class ClientModule(SharedModelModule):
     """Trains and evaluates one client's slice of the shared :class:`FoundationModel`.
 
     A batch holds samples of one or more tasks (see :class:`~tapl.datamodules.collate.MultiTaskCollator`).
@@ -57,14 +76,10 @@ class ClientModule(LightningModule):
         self.lr = lr
         self.objective = objective or Objective()
         self.automatic_optimization = self.objective.automatic_optimization
-        # Evaluation runs every row on every rank (see VisitTrainers.eval_trainer), so metrics stay local:
-        # syncing would count each row once per rank.
-        self.eval_metrics = nn.ModuleDict({t.name: t.task_type.metrics(t) for t in tasks})
-        for collection in self.eval_metrics.values():
-            for metric in collection.values():
-                metric.sync_on_compute = False
-        self.eval_loss = nn.ModuleDict({t.name: MeanMetric(sync_on_compute=False) for t in tasks})
-        self.eval_samples = nn.ModuleDict({t.name: SumMetric(sync_on_compute=False) for t in tasks})
+        # Built by setup() for an evaluation only: a training fit (most of a federation's fits) needs none.
+        self.eval_metrics = nn.ModuleDict()
+        self.eval_loss = nn.ModuleDict()
+        self.eval_samples = nn.ModuleDict()
         self._train_loss_sum: dict[str, Tensor] = {}
         self._train_samples: dict[str, int] = {}
         self._train_totals: dict[str, tuple[float, int]] | None = None
@@ -72,6 +87,20 @@ class ClientModule(LightningModule):
         #: The first few readable predictions per task of the last evaluation (e.g. generated text).
         self.eval_examples: dict[str, list[dict[str, str]]] = {}
         self._examples: dict[str, list[dict[str, str]]] = {}
+
+    @override
+    def setup(self, stage: str) -> None:
+        if stage == "fit" or len(self.eval_metrics):
+            return
+        # Evaluation runs every row on every rank (see VisitTrainers.eval_trainer), so metrics stay local:
+        # syncing would count each row once per rank.
+        tasks = self.tasks.values()
+        self.eval_metrics.update({t.name: t.task_type.metrics(t) for t in tasks})
+        for collection in self.eval_metrics.values():
+            for metric in collection.values():
+                metric.sync_on_compute = False
+        self.eval_loss.update({t.name: MeanMetric(sync_on_compute=False) for t in tasks})
+        self.eval_samples.update({t.name: SumMetric(sync_on_compute=False) for t in tasks})
 
     @override
     def on_fit_start(self) -> None:

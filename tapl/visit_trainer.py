@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import inspect
 import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
+from unittest import mock
 
+from lightning.fabric.utilities import registry
 from lightning.pytorch import Callback, Trainer
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,10 @@ _FEDERATION_OWNED = (
 )
 
 
+def _warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's per-``Trainer`` info lines (devices, tips, "max_steps reached") for one visit.
@@ -47,8 +55,7 @@ def quiet_lightning() -> Iterator[None]:
     run's own output. Warnings still show.
     """
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+    logger.addFilter(_warnings_only)  # a filter, as setLevel would clear the cache of every logger each visit
     try:
         with warnings.catch_warnings():
             # Visits fit without a validation loader on purpose; the engine evaluates once per round.
@@ -56,7 +63,22 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(_warnings_only)
+
+
+@functools.cache
+def _entry_points(group: str) -> importlib.metadata.EntryPoints:
+    return importlib.metadata.entry_points(group=group)
+
+
+def _trainer(**kwargs: Any) -> Trainer:
+    """``Trainer(**kwargs)``, reading the installed packages' callback entry points once per process.
+
+    Every ``Trainer`` looks up Lightning's external-callback entry points, which scans the metadata of every
+    installed distribution (several milliseconds); a federation builds a ``Trainer`` per client fit.
+    """
+    with mock.patch.object(registry, "entry_points", _entry_points):
+        return Trainer(**kwargs)
 
 
 class VisitTrainers:
@@ -111,7 +133,7 @@ class VisitTrainers:
         owned = sorted(set(overrides or {}) & {*_VISIT_OVERRIDES, *_FEDERATION_OWNED})
         if owned:
             raise ValueError(f"the federation sets {owned} of every fit; they cannot be overridden")
-        return Trainer(
+        return _trainer(
             **{**self.kwargs, **(overrides or {})},
             **_VISIT_OVERRIDES,
             max_steps=steps,
@@ -127,4 +149,4 @@ class VisitTrainers:
         repeated rows, which would bias the metrics, and evaluation is cheap next to training.
         """
         kwargs = {**self.kwargs, "use_distributed_sampler": False}
-        return Trainer(**kwargs, **_VISIT_OVERRIDES, callbacks=list(self.user_callbacks))
+        return _trainer(**kwargs, **_VISIT_OVERRIDES, callbacks=list(self.user_callbacks))

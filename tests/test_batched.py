@@ -23,7 +23,7 @@ from tapl.components import ComponentState
 from tapl.engine.batched import BatchedTraining
 from tapl.engine.cohort import FitRequest
 from tapl.engine.local_training import LocalTraining
-from tapl.federation import FederatedOrchestrator
+from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.meta_learning import MetaLearning
 from tapl.run_dir import RunDirectory
 
@@ -194,3 +194,9 @@ def test_a_batched_run_equals_a_sequential_run(
             assert not cohorts
     assert len(cohorts) >= 2 and max(cohorts) >= 2  # rounds and the post-federation stage ran cohorts
     assert assert_close_tensors(runs["batched"], runs["sequential"]) > 0
+
+
+@pytest.mark.parametrize(("setting", "value"), [("execution", "parallel"), ("batched_rows", 0)])
+def test_a_bad_batched_setting_is_refused_by_name(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"federation.{setting}"):
+        FederationConfig(**{setting: value})

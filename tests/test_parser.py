@@ -114,3 +114,11 @@ def test_a_config_may_name_a_class_by_its_short_name(capsys: pytest.CaptureFixtu
     # A later switch on the command line still starts the new class afresh.
     tap = printed(capsys, "--algorithm", "TAP", config=path)["algorithm"]
     assert tap["class_path"] == "tapl.algorithms.TAP" and "head_steps" not in init_args(tap)
+
+
+def test_the_cross_device_config_resolves_with_batched_execution(capsys: pytest.CaptureFixture[str]) -> None:
+    config = Path(__file__).resolve().parents[1] / "experiments" / "cross_device.yaml"
+    resolved = printed(capsys, "--federation.execution", "batched", config=config)
+    assert resolved["federation"]["execution"] == "batched"
+    assert resolved["federation"]["clients_per_round"] == 100
+    assert resolved["data"]["clients"][0]["count"] == 1000

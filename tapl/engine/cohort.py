@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from tapl.api import ClientInfo
-from tapl.client import OptimizerFactory, set_learning_rate
+from tapl.client import OptimizerFactory, SharedModelModule, set_learning_rate
 from tapl.components import ComponentState
 from tapl.datamodules.collate import TaskBatch, batch_size
 from tapl.engine.cohort_optimizer import CohortOptimizer
@@ -201,8 +201,9 @@ def stack_rows(parts: Sequence[Any], rows: int) -> Any:
     return torch.cat(padded)
 
 
-#: A bucket takes the next (longer) member while padding everyone to it costs at most this share more work.
-BUCKET_SLACK = 1.15
+#: A bucket takes the next member while padding every member to the bucket's rows and input length costs at most
+#: this share more work than the members' own rows.
+BUCKET_SLACK = 1.1
 
 
 def _row_size(inputs: Any) -> int:
@@ -212,25 +213,32 @@ def _row_size(inputs: Any) -> int:
     return inputs[0].numel() if isinstance(inputs, Tensor) and len(inputs) else 0
 
 
+def _rows(inputs: Any) -> int:
+    if isinstance(inputs, Mapping):
+        return max(_rows(v) for v in inputs.values())
+    return len(inputs) if isinstance(inputs, Tensor) else 0
+
+
 def length_buckets(members: Sequence[int], inputs: Sequence[Any]) -> list[list[int]]:
-    """``members`` in buckets of similar input length, so that padding a bucket to its longest member wastes
-    little work (members of the same length always share a bucket); each bucket's members in order."""
-    sizes = [_row_size(x) for x in inputs]
-    order = sorted(range(len(members)), key=lambda j: sizes[j])
+    """``members`` in buckets of similar rows and input length, so that padding a bucket to its largest member
+    wastes little work (members of the same shape always share a bucket); each bucket's members in order."""
+    shapes = [(_rows(x), _row_size(x)) for x in inputs]
     buckets: list[list[int]] = []
-    total = 0
-    for j in order:
+    work = rows = size = 0
+    for j in sorted(range(len(members)), key=lambda j: shapes[j]):
+        r, n = shapes[j]
         bucket = buckets[-1] if buckets else None
-        if bucket is not None and (len(bucket) + 1) * sizes[j] <= BUCKET_SLACK * (total + sizes[j]):
+        joined = (len(bucket) + 1) * max(rows, r) * max(size, n) if bucket is not None else 0
+        if bucket is not None and joined <= BUCKET_SLACK * (work + r * n):
             bucket.append(j)
-            total += sizes[j]
+            work, rows, size = work + r * n, max(rows, r), max(size, n)
         else:
             buckets.append([j])
-            total = sizes[j]
+            work, rows, size = r * n, r, n
     return [sorted(members[j] for j in bucket) for bucket in buckets]
 
 
-class CohortModule(LightningModule):
+class CohortModule(SharedModelModule):
     """Trains the slices of a cohort of clients over the shared model in one fit.
 
     Args:
