@@ -18,10 +18,13 @@ import argparse
 import ctypes
 import ctypes.util
 import gc
+import math
 import os
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,6 +33,7 @@ import psutil
 import torch
 
 from tapl.components import ComponentState, num_bytes
+from tapl.engine.disk_store import DiskClientStore
 from tapl.models import FoundationModel, LoraSettings, PatchImageEncoder, TextEncoder
 from tapl.tasks import Task
 
@@ -87,23 +91,41 @@ def touch(model: FoundationModel) -> None:
     model("digits", {"image": images})
 
 
-def measure(model: FoundationModel, clients: int) -> dict[str, float]:
-    """RSS growth of holding one slice state per client, for ``clients`` clients."""
+def measure(model: FoundationModel, clients: int, store: str) -> dict[str, float]:
+    """RSS growth of holding one slice state per client, for ``clients`` clients: as a list of states in memory, or
+    committed to a :class:`~tapl.engine.disk_store.DiskClientStore` (``store="disk"``; then ``checkout_ms`` is the
+    mean time to read one client's state back, over up to 100 clients)."""
     slices = [model.components_for(CLIENT_TASKS[i % len(CLIENT_TASKS)]) for i in range(clients)]
     trainable = sum(model.num_trainable_bytes(s) for s in slices)
     tensors = sum(len(p) for s in slices for p in model.component_shapes(s).values())
-    before = rss()
-    started = time.perf_counter()
-    states: list[ComponentState] = [model.get_state(s) for s in slices]
-    seconds = time.perf_counter() - started
-    after = rss()
-    held = sum(num_bytes(s) for s in states)
-    if held != trainable:
-        raise RuntimeError(f"the states hold {held} bytes of tensors, expected {trainable}")
-    del states
-    released = rss()
+    checkout_ms = math.nan
+    with tempfile.TemporaryDirectory(prefix="tapl-client-memory-") as tmp:
+        before = rss()
+        started = time.perf_counter()
+        if store == "disk":
+            disk = DiskClientStore(Path(tmp))
+            for client, components in enumerate(slices):
+                disk.commit(client, {"personal": model.get_state(components)})
+            seconds = time.perf_counter() - started
+            after = rss()
+            sample = range(0, clients, max(1, clients // 100))
+            started = time.perf_counter()
+            held = sum(num_bytes(disk.checkout(c)["personal"]) for c in sample)
+            checkout_ms = 1000 * (time.perf_counter() - started) / len(sample)
+            expected = sum(model.num_trainable_bytes(slices[c]) for c in sample)
+            del disk
+        else:
+            states: list[ComponentState] = [model.get_state(s) for s in slices]
+            seconds = time.perf_counter() - started
+            after = rss()
+            held, expected = sum(num_bytes(s) for s in states), trainable
+            del states
+        if held != expected:
+            raise RuntimeError(f"the states hold {held} bytes of tensors, expected {expected}")
+        released = rss()
     growth = after - before
     return {
+        "checkout_ms": checkout_ms,
         "clients": clients,
         "tensors": tensors / clients,
         "trainable": trainable / clients,
@@ -125,7 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backbone",
         default=MINILM,
-        help=f"pretrained text model: local directory or package:MODULE/DIR (default: {MINILM})",
+        help=f"pretrained text model: local directory, package:MODULE/DIR, or 'tiny' (the 2-layer, 128-wide BERT of "
+        f"benchmarks/cross_device.py) (default: {MINILM})",
+    )
+    parser.add_argument(
+        "--store",
+        choices=["memory", "disk"],
+        default="memory",
+        help="hold the states in memory, or in a DiskClientStore (federation.client_store: disk)",
     )
     parser.add_argument("--target", type=float, default=1.2, help="target RSS growth / trainable bytes (default: 1.2)")
     args = parser.parse_args(argv)
@@ -143,13 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     started = time.perf_counter()
     empty = rss()
+    if args.backbone == "tiny":
+        from cross_device import tiny_backbone  # this folder's script
+
+        args.backbone = tiny_backbone(Path(tempfile.mkdtemp(prefix="tapl-tiny-bert-")))
     model = build_model(args.backbone)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     loaded = rss()
     touch(model)
     with_model = rss()
     shares = {tasks: model.num_trainable_bytes(model.components_for(tasks)) for tasks in CLIENT_TASKS}
-    print(f"backbone: {args.backbone} (text and image encoders each load it)")
+    print(f"backbone: {args.backbone} (text and image encoders each load it); states held: {args.store}")
     print(
         f"RSS: {empty / 2**20:.1f} MiB after imports, {loaded / 2**20:.1f} MiB with the model loaded, "
         f"{with_model / 2**20:.1f} MiB after one forward pass per task (weights are read lazily from disk)"
@@ -161,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{'clients':>8} {'tensors/client':>15} {'trainable B/client':>19} {'RSS growth MiB':>15} "
-        f"{'RSS B/client':>13} {'ratio':>7} {'create s':>9} {'freed MiB':>10}"
+        f"{'RSS B/client':>13} {'ratio':>7} {'create s':>9} {'freed MiB':>10} {'checkout ms':>12}"
     )
-    rows = [measure(model, n) for n in args.clients]
+    rows = [measure(model, n, args.store) for n in args.clients]
     for r in rows:
         print(
             f"{r['clients']:>8} {r['tensors']:>15.1f} {r['trainable']:>19,.0f} {r['growth'] / 2**20:>15.1f} "
-            f"{r['per_client']:>13,.0f} {r['ratio']:>7.3f} {r['seconds']:>9.3f} {r['released'] / 2**20:>10.1f}"
+            f"{r['per_client']:>13,.0f} {r['ratio']:>7.3f} {r['seconds']:>9.3f} {r['released'] / 2**20:>10.1f} "
+            f"{r['checkout_ms']:>12.2f}"
         )
     print()
     print("ratio = RSS growth / the clients' trainable tensor bytes; freed = RSS returned after deleting the states")

@@ -198,5 +198,5 @@ def test_a_batched_run_equals_a_sequential_run(
 
 @pytest.mark.parametrize(("setting", "value"), [("execution", "parallel"), ("batched_rows", 0)])
 def test_a_bad_batched_setting_is_refused_by_name(setting: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"federation.{setting}"):
+    with pytest.raises(ValueError, match=rf"federation\.{setting}"):
         FederationConfig(**{setting: value})

@@ -10,6 +10,9 @@ import torch
 
 from tapl.errors import TaplError
 
+#: The key of a checkpointed index of client stores kept on disk (see :mod:`tapl.engine.disk_store`).
+ON_DISK_KEY = "__on_disk__"
+
 
 class ClientStateError(TaplError, ValueError):
     """A visit left its client's state unusable (e.g. a personal model with NaN values)."""
@@ -35,11 +38,20 @@ class ClientStore:
         Raises:
             ClientStateError: if a tensor in it holds NaN or infinite values; the previous state is kept.
         """
+        self.check(store)
+        self._stores[client] = store
+
+    @staticmethod
+    def check(store: Mapping[str, Any]) -> None:
+        """Refuse a store whose tensors hold NaN or infinite values.
+
+        Raises:
+            ClientStateError: naming the first offending tensors.
+        """
         bad = [path for key, value in sorted(store.items()) for path in non_finite(value, key)]
         if bad:
             shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise ClientStateError(f"the client's state holds non-finite values (NaN or infinity) in {shown}")
-        self._stores[client] = store
 
     def __contains__(self, client: object) -> bool:
         return client in self._stores
@@ -52,7 +64,13 @@ class ClientStore:
         return {str(client): store for client, store in self._stores.items()}
 
     def load_state_dict(self, state: Mapping[str, dict[str, Any]]) -> None:
-        """Replace every store by those of :meth:`state_dict`."""
+        """Replace every store by those of :meth:`state_dict`.
+
+        Raises:
+            ClientStateError: for the index of stores kept on disk (``federation.client_store: disk``).
+        """
+        if ON_DISK_KEY in state:
+            raise ClientStateError("the checkpoint's client states are on disk: use federation.client_store disk")
         self._stores = {int(client): dict(store) for client, store in state.items()}
 
 

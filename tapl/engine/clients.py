@@ -15,6 +15,7 @@ from tapl.context import ClientContext
 from tapl.datamodules.federated import FederatedDataModule
 from tapl.engine.client_store import ClientStore
 from tapl.engine.config import FederationConfig
+from tapl.engine.disk_store import DiskClientStore
 from tapl.engine.evaluation import FINETUNED, evaluate_models
 from tapl.engine.local_training import LocalTraining
 from tapl.engine.post_federation import post_federation
@@ -57,9 +58,9 @@ class ClientWorker:
         self.training = training
         self.shapes = shapes
         #: Every client's own state, as the algorithm keeps it (``ctx.store``).
-        self.store = ClientStore()
+        self.store = new_store(training.config.client_store, info.run_dir, "store")
         #: Every client's engine-made models: its fine-tuned global slice under :data:`FINETUNED`.
-        self.engine_store = ClientStore()
+        self.engine_store = new_store(training.config.client_store, info.run_dir, "engine_store")
 
     def context(
         self,
@@ -170,6 +171,11 @@ class ClientWorker:
             )
         self.store.load_state_dict(state["client_store"])
         self.engine_store.load_state_dict(state["engine_store"])
+
+
+def new_store(kind: str, run_dir: Path, name: str) -> ClientStore:
+    """An empty client store: in memory, or on disk under ``run_dir/client_stores/name``."""
+    return DiskClientStore(run_dir / "client_stores" / name) if kind == "disk" else ClientStore()
 
 
 def check_upload(update: ClientUpdate, client: ClientInfo, shapes: ComponentShapes) -> None:

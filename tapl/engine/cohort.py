@@ -203,7 +203,7 @@ def stack_rows(parts: Sequence[Any], rows: int) -> Any:
 
 #: A bucket takes the next member while padding every member to the bucket's rows and input length costs at most
 #: this share more work than the members' own rows.
-BUCKET_SLACK = 1.1
+BUCKET_SLACK = 1.05
 
 
 def _row_size(inputs: Any) -> int:

@@ -13,6 +13,10 @@ from tapl.sampling import SAMPLINGS, Sampling
 Execution = Literal["sequential", "batched"]
 EXECUTIONS: tuple[str, ...] = get_args(Execution)
 
+#: Where the clients' own states live between visits (see ``FederationConfig.client_store``).
+ClientStoreKind = Literal["memory", "disk"]
+CLIENT_STORES: tuple[str, ...] = get_args(ClientStoreKind)
+
 #: Settings (dotted keys of the resolved configuration) that may differ when a run resumes: they change when the
 #: run stops, how it shows progress, or where it is, never what a round computes. Any other difference from the
 #: checkpoint's configuration refuses the resume.
@@ -69,6 +73,10 @@ class FederationConfig:
         batched_rows: With ``execution: batched``, the most training rows one batched step holds (clients times
             ``data.batch_size``): the memory budget that splits a round's clients into cohorts run one after
             another. Lower it when a batched step runs out of memory.
+        client_store: Where every client's own state (personal models, heads, loss histories) lives between its
+            visits: ``"memory"``; or ``"disk"``, one safetensors file per client under the run directory's
+            ``client_stores/``, read only for the clients a round works on (memory then holds an index), so that
+            the personal states of 100,000 clients fit on a laptop. A disk run resumes from its last checkpoint.
     """
 
     rounds: int = 10
@@ -88,6 +96,7 @@ class FederationConfig:
     holdout_clients: list[int] = field(default_factory=list)
     execution: Execution = "sequential"
     batched_rows: int = 4096
+    client_store: ClientStoreKind = "memory"
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "eval_every", "checkpoint_every"):
@@ -106,6 +115,8 @@ class FederationConfig:
             raise ValueError("federation.finetune_steps must be >= 0 and federation.finetune_lr > 0")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"federation.execution must be one of {list(EXECUTIONS)}, got {self.execution!r}")
+        if self.client_store not in CLIENT_STORES:
+            raise ValueError(f"federation.client_store must be one of {list(CLIENT_STORES)}, got {self.client_store!r}")
         if self.batched_rows < 1:
             raise ValueError(f"federation.batched_rows must be >= 1, got {self.batched_rows}")
         Plateau(self.plateau_window, self.plateau_tolerance)  # validates both
