@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tapl.engine.local_training import LocalTraining
 from tapl.federation import FederatedOrchestrator, FederationConfig
 from tapl.meta_learning import MetaLearning
 from tapl.run_dir import RunDirectory
+from tapl.visit_trainer import VisitTrainers
 
 ATOL = 1e-5
 
@@ -200,3 +202,38 @@ def test_a_batched_run_equals_a_sequential_run(
 def test_a_bad_batched_setting_is_refused_by_name(setting: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"federation\.{setting}"):
         FederationConfig(**{setting: value})
+
+
+def test_the_row_budget_splits_a_round_into_waves(engine: FederatedOrchestrator, cohorts: list[int]) -> None:
+    """batched_rows 16 at batch size 8: two clients per wave, so only the first wave's two-task pair is a cohort
+    (the second wave's clients hold different slices, the third has one client)."""
+    training = engine.training
+    made = requests(engine, stream=4, steps=3)
+    batched_training = BatchedTraining(training, max_rows=16)
+    assert batched_training.wave == 2
+    works = [partial(batched_training.run_fit, request) for request in made]
+    together = batched_training.run_together(works, lambda i: None)
+    assert cohorts == [2]
+    for request, many in zip(requests(engine, stream=4, steps=3), together, strict=True):
+        one = training.fit_resolved(training.resolve(request))
+        assert_close_tensors(many.state, one.state)
+
+
+def test_an_optimizer_it_cannot_run_per_member_runs_alone_with_a_notice(
+    engine: FederatedOrchestrator, cohorts: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    amsgrad = partial(torch.optim.Adam, amsgrad=True)
+    made = requests(engine, stream=5, steps=2, optimizer=lambda state: amsgrad)
+    with caplog.at_level(logging.INFO, logger="tapl"):
+        together = BatchedTraining(engine.training, max_rows=4096).fit_all(made)
+    assert cohorts == []
+    assert all(not isinstance(result, Exception) for result in together)
+    assert any("cannot run AMSGrad" in r.getMessage() for r in caplog.records)
+
+
+def test_batched_execution_refuses_several_devices(engine: FederatedOrchestrator) -> None:
+    training = engine.training
+    trainers = VisitTrainers({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+    several = LocalTraining(training.model, training.data, trainers, training.optimizer, training.config)
+    with pytest.raises(ValueError, match=r"--trainer\.devices 1"):
+        BatchedTraining(several, max_rows=4096)

@@ -25,7 +25,14 @@ from tapl.algorithms.base import Algorithm
 from tapl.api import ClientUpdate, FederationInfo, FitResult, Instruction
 from tapl.components import ComponentShapes, ComponentState
 from tapl.engine.clients import ClientWorker
-from tapl.engine.cohort import FitRequest, NotBatchable, ResolvedFit, cohort_key, why_not_batched
+from tapl.engine.cohort import (
+    FitRequest,
+    NotBatchable,
+    ResolvedFit,
+    cohort_key,
+    optimizer_refusal,
+    why_not_batched,
+)
 from tapl.engine.local_training import LocalTraining
 from tapl.visit_trainer import quiet_lightning
 
@@ -137,6 +144,7 @@ class BatchedTraining(LocalTraining):
         results: dict[int, FitResult | Exception] = {}
         cohorts: dict[tuple[Any, ...], list[tuple[int, ResolvedFit]]] = {}
         alone: list[tuple[int, ResolvedFit]] = []
+        refusals: dict[int, str | None] = {}  # per optimizer factory, checked once
         for i, request in enumerate(requests):
             try:
                 fit = self.resolve(request)
@@ -144,7 +152,9 @@ class BatchedTraining(LocalTraining):
                 results[i] = error
                 continue
             optimizer = request.optimizer or self.optimizer
-            reason = why_not_batched(fit, optimizer)
+            if id(optimizer) not in refusals:
+                refusals[id(optimizer)] = optimizer_refusal(optimizer)
+            reason = why_not_batched(fit) or refusals[id(optimizer)]
             if reason is not None:
                 self._notice(f"fits run one after another where {reason}")
                 alone.append((i, fit))

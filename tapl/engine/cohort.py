@@ -66,8 +66,8 @@ class ResolvedFit:
     trained: list[str]
 
 
-def why_not_batched(fit: ResolvedFit, optimizer: OptimizerFactory) -> str | None:
-    """Why ``fit`` cannot join a cohort (``None``: it can)."""
+def why_not_batched(fit: ResolvedFit) -> str | None:
+    """Why ``fit`` cannot join a cohort for its objective or callbacks (``None``: it can)."""
     objective = fit.request.objective
     if objective is not None and (
         not objective.automatic_optimization or type(objective).training_step is not Objective.training_step
@@ -75,11 +75,16 @@ def why_not_batched(fit: ResolvedFit, optimizer: OptimizerFactory) -> str | None
         return f"its objective {type(objective).__name__} runs its own training step"
     if fit.request.callbacks:
         return "it has fit callbacks"
+    return None
+
+
+def optimizer_refusal(optimizer: OptimizerFactory) -> str | None:
+    """Why fits with ``optimizer`` cannot join a cohort (``None``: they can), from one it builds on a probe."""
     probe = nn.Parameter(torch.zeros(1))
     try:
         CohortOptimizer([probe], optimizer([probe]), {})
     except ValueError as error:
-        return str(error).replace("a cohort fit cannot run", "it asks for")
+        return f"the optimizer cannot run per member ({error})"
     return None
 
 
