@@ -1,8 +1,8 @@
 """Seconds per round of the cross-device federation (``experiments/cross_device.yaml``), side by side.
 
-The federation: 1,000 clients of about 20 VADER sentences each (Dirichlet label skew), 100 sampled per round, each
-taking 2 AdamW steps (lr 3e-4, weight decay 0.01, clipping 1.0) of 8 rows, FedAvg. Two backbones, each with LoRA
-(r 8 on query and value) and a 128-wide head:
+The federation: 1,000 clients of about 20 VADER sentences each (natural domains, then Dirichlet label skew within
+each), 100 sampled per round, each taking 2 AdamW steps (lr 3e-4, weight decay 0.01, clipping 1.0) of 8 rows,
+FedAvg. Two backbones, each with LoRA (r 8 on query and value) and a 128-wide head:
 
 - ``tiny``: a BERT-shaped model, 2 layers of width 128 (4 heads), over MiniLM's tokenizer, randomly initialised
   with seed 0 (per-client cost dominates; its accuracy is not the point);

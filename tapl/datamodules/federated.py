@@ -128,6 +128,10 @@ class TaskData:
         drop_missing: Drop the rows that miss a value the task reads (a null, or a text that is empty or only
             white space) before the split, counting them in a warning. ``False``: such a row stops the run
             before training, named by task, client, split, row and column.
+        domain_column: Column naming each row's natural domain (e.g. VADER's ``domain``: tweets, movie reviews,
+            ...). The task's clients are then spread over the domains in proportion to their training rows (at
+            least one client each, in the domains' sorted order), every client holds rows of one domain only, and
+            the partitioner splits each domain's rows among that domain's clients. ``None``: one pool.
     """
 
     name: str
@@ -149,6 +153,7 @@ class TaskData:
     bertscore_model: str | None = None
     meteor: bool = False
     drop_missing: bool = False
+    domain_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.target_template is not None:
@@ -322,21 +327,24 @@ class FederatedDataModule:
         }
         for index, spec in enumerate(self.task_data.values()):
             holders = [c.id for c in self.clients if spec.name in c.tasks]
-            groups = [self.clients[c].group for c in holders]
             if not holders:
                 log.warning("Task %r is held by no client; its data is not loaded.", spec.name)
                 continue
             splits = self._load_splits(spec, np.random.default_rng([self.seed, index]))
             rng = np.random.default_rng([self.seed, index, 1])
             labels = {s: self._labels(spec, rows, s) for s, rows in splits.items()}
-            proportions = self.partitioner.proportions(
-                labels["train"], len(holders), self._num_label_classes(spec), rng, groups=groups
-            )
-            for split, rows in splits.items():
-                for client, indices in zip(
-                    holders, self.partitioner.split(labels[split], proportions, rng), strict=True
-                ):
-                    per_client[client][split].append((spec, rows.select(indices)))
+            for members, selected in _domain_parts(spec, holders, splits):
+                proportions = self.partitioner.proportions(
+                    labels["train"][selected["train"]],
+                    len(members),
+                    self._num_label_classes(spec),
+                    rng,
+                    groups=[self.clients[c].group for c in members],
+                )
+                for split, rows in splits.items():
+                    cuts = self.partitioner.split(labels[split][selected[split]], proportions, rng)
+                    for client, indices in zip(members, cuts, strict=True):
+                        per_client[client][split].append((spec, rows.select(selected[split][indices])))
         for client, parts in per_client.items():
             for split, task_parts in parts.items():
                 for spec, rows in task_parts:
@@ -420,7 +428,12 @@ class FederatedDataModule:
         absent = [c for c in columns if c not in pool.column_names]
         if absent:
             raise ValueError(f"Task {spec.name!r}: dataset has no column(s) {absent}; it has {pool.column_names}.")
-        pool = pool.select_columns(sorted(set(columns)))
+        if spec.domain_column is not None and spec.domain_column not in pool.column_names:
+            raise ValueError(
+                f"Task {spec.name!r}: domain_column {spec.domain_column!r} is not a column of the dataset; it has "
+                f"{pool.column_names}."
+            )
+        pool = pool.select_columns(sorted({*columns, *filter(None, [spec.domain_column])}))
         # The row's position in the loaded split, so errors can point at it after shuffles and partitions.
         pool = pool.add_column(ROW_COLUMN, np.arange(len(pool)))
         if spec.drop_missing:
@@ -511,6 +524,48 @@ class FederatedDataModule:
             "clients": [list(c.tasks) for c in self.clients],
             "groups": [c.group for c in self.clients],
         }
+
+
+def _domain_parts(
+    spec: TaskData, holders: list[int], splits: Mapping[str, Any]
+) -> list[tuple[list[int], dict[str, np.ndarray]]]:
+    """The task's clients and, per split, the row indices they share, one pair per natural domain.
+
+    Without a ``domain_column`` that is one pair: every holder and every row. With one, each domain (in sorted
+    order) gets a contiguous block of the holders, one client plus a share of the rest proportional to its training
+    rows (largest remainders, ties to the earlier domain).
+
+    Raises:
+        DataError: if a row has no domain, a domain has no training rows, or there are fewer clients than domains.
+    """
+    if spec.domain_column is None:
+        return [(holders, {s: np.arange(len(rows)) for s, rows in splits.items()})]
+    values = {s: np.asarray(rows[spec.domain_column], dtype=object) for s, rows in splits.items()}
+    for split, column in values.items():
+        missing = next((i for i, v in enumerate(column) if v is None), None)
+        if missing is not None:
+            locate = _locator(spec, f"{split} split, before the partition", splits[split])
+            raise DataError(f"{locate(missing, spec.domain_column)} is null: every row needs a domain")
+    domains = sorted({v for column in values.values() for v in column})
+    sizes = np.array([int((values["train"] == d).sum()) for d in domains])
+    if (sizes == 0).any():
+        raise DataError(
+            f"Task {spec.name!r}: domain(s) {[d for d, n in zip(domains, sizes, strict=True) if n == 0]} of column "
+            f"{spec.domain_column!r} have no training rows, so no client can hold them; use more data (max_rows)."
+        )
+    if len(holders) < len(domains):
+        raise DataError(
+            f"Task {spec.name!r}: {len(holders)} client(s) cannot cover the {len(domains)} domains of column "
+            f"{spec.domain_column!r} ({domains}); give the task at least {len(domains)} clients."
+        )
+    quotas = (len(holders) - len(domains)) * sizes / sizes.sum()
+    counts = 1 + np.floor(quotas).astype(np.int64)
+    counts[np.argsort(-(quotas - np.floor(quotas)), kind="stable")[: len(holders) - int(counts.sum())]] += 1
+    ends = np.cumsum(counts)
+    return [
+        (holders[end - count : end], {s: np.flatnonzero(column == domain) for s, column in values.items()})
+        for domain, count, end in zip(domains, counts, ends, strict=True)
+    ]
 
 
 def _locator(spec: TaskData, where: str, rows: Any) -> Callable[[int, str], str]:

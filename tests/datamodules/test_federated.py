@@ -11,6 +11,7 @@ import torch
 
 from tapl.datamodules import ClientGroup, Dirichlet, FederatedDataModule, MultiTaskCollator, TaskData
 from tapl.datamodules.federated import SPLITS
+from tapl.errors import DataError
 
 
 def write_parquet(path: Path, rows: int = 200, num_classes: int = 4) -> Path:
@@ -287,3 +288,63 @@ def test_a_template_index_may_name_a_column() -> None:
     assert render("{choices[answer]}", row) == "blue"
     assert render("{choices[0]} or {choices}", row) == "red or red, green, blue"
     assert template_fields("{choices[answer]}") == ["choices", "answer"]
+
+
+def write_domains(path: Path, sizes: dict[str, int], num_classes: int = 3) -> Path:
+    domains = [d for d, n in sizes.items() for _ in range(n)]
+    rows = len(domains)
+    pd.DataFrame(
+        {"text": [f"{d} {i}" for i, d in enumerate(domains)], "label": np.arange(rows) % num_classes, "domain": domains}
+    ).to_parquet(path)
+    return path
+
+
+def domains_of(data: FederatedDataModule, client: int, split: str) -> set[str]:
+    dataset = data.dataset(client, split)
+    return {dataset[i]["inputs"]["text"].split()[0] for i in range(len(dataset))}
+
+
+def test_a_domain_column_gives_each_client_one_domain_in_proportion_to_its_rows(tmp_path: Path) -> None:
+    path = write_domains(tmp_path / "d.parquet", {"news": 600, "movies": 2100, "tweets": 300})
+    task = text_task(path, num_classes=3, domain_column="domain")
+    data = FederatedDataModule([task], [ClientGroup(["t"], count=10)], partitioner=Dirichlet(0.5, 5))
+    data.setup()
+    owner = {}
+    for client in range(10):
+        (domain,) = domains_of(data, client, "train")
+        assert domains_of(data, client, "test") <= {domain} and domains_of(data, client, "val") <= {domain}
+        owner[client] = domain
+    # One client each, then the other 7 by training rows (7:2:1, i.e. quotas 4.9, 1.4, 0.7): movies 1 + 4 + 1 and
+    # tweets 1 + 0 + 1 by the largest remainders, news 1 + 1; domains in sorted order, each a block of clients.
+    assert [owner[c] for c in range(10)] == ["movies"] * 6 + ["news"] * 2 + ["tweets"] * 2
+    seen = sum(data.num_samples(c, s) for c in range(10) for s in SPLITS)
+    assert seen == 3000  # every row has exactly one owner
+
+
+def test_domains_are_split_by_the_partitioner_within_each_domain(tmp_path: Path) -> None:
+    path = write_domains(tmp_path / "d.parquet", {"a": 900, "b": 900})
+    task = text_task(path, num_classes=3, domain_column="domain")
+    data = FederatedDataModule([task], [ClientGroup(["t"], count=4)], partitioner=Dirichlet(0.1, 5), seed=3)
+    data.setup()
+    mixes = []
+    for client in range(4):
+        dataset = data.dataset(client, "train")
+        mixes.append(np.bincount([dataset[i]["target"] for i in range(len(dataset))], minlength=3) / len(dataset))
+    # Dirichlet(0.1) skews labels inside a domain; an IID split of a domain would leave each mix near 1/3.
+    assert max(np.abs(m - 1 / 3).max() for m in mixes) > 0.2
+
+
+def test_domain_errors_name_the_column_and_the_fix(tmp_path: Path) -> None:
+    path = write_domains(tmp_path / "d.parquet", {"a": 100, "b": 100, "c": 100})
+    few = FederatedDataModule([text_task(path, domain_column="domain")], [ClientGroup(["t"], count=2)])
+    with pytest.raises(DataError, match=r"2 client\(s\) cannot cover the 3 domains of column 'domain'"):
+        few.setup()
+    absent = FederatedDataModule([text_task(path, domain_column="source")], [ClientGroup(["t"], count=3)])
+    with pytest.raises(ValueError, match=r"domain_column 'source' is not a column"):
+        absent.setup()
+    frame = pd.read_parquet(path)
+    frame.loc[7, "domain"] = None
+    frame.to_parquet(path)
+    null = FederatedDataModule([text_task(path, domain_column="domain")], [ClientGroup(["t"], count=3)])
+    with pytest.raises(DataError, match=r"column 'domain', is null: every row needs a domain"):
+        null.setup()
