@@ -123,6 +123,8 @@ class PerClientModules:
 def _per_member_forward(layer: nn.Module, values: Mapping[str, Tensor]) -> Callable[[Tensor], Tensor]:
     functional = FUNCTIONALS[type(layer)]
     members = next(iter(values.values())).shape[0]
+    if type(layer) is nn.Linear and "weight" in values:
+        return _per_member_linear(layer, values, members)
 
     def member_forward(x: Tensor, substitutes: Mapping[str, Tensor]) -> Tensor:
         return functional(layer, substitutes, x)
@@ -136,5 +138,23 @@ def _per_member_forward(layer: nn.Module, values: Mapping[str, Tensor]) -> Calla
             )
         out = batched(x.reshape(members, -1, *x.shape[1:]), values)
         return out.reshape(-1, *out.shape[2:])
+
+    return forward
+
+
+def _per_member_linear(layer: nn.Linear, values: Mapping[str, Tensor], members: int) -> Callable[[Tensor], Tensor]:
+    """A linear layer with per-member weights as one batched matrix product: the same result as the ``vmap`` of
+    :func:`_linear`, without ``vmap``'s cost per call (most of the work of a LoRA factor over a few rows)."""
+    weight = values["weight"].transpose(1, 2)  # (members, in, out)
+    bias = _param(layer, values, "bias")
+    if bias is not None and bias.dim() == 2:
+        bias = bias.unsqueeze(1)  # (members, 1, out): each member's own bias
+
+    def forward(x: Tensor) -> Tensor:
+        if x.shape[0] % members:
+            raise NotBatchable(f"a Linear got {x.shape[0]} rows, not a multiple of the cohort's {members} members")
+        rows = x.reshape(members, -1, x.shape[-1])
+        out = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias, rows, weight)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return forward
