@@ -19,7 +19,16 @@ Rows, all on the same sampled clients and the same model (one ``FoundationModel`
   client's longest row; pfl cuts a client's arrays into batches itself), AdamW and clipping alike;
 - ``Flower simulation``: ``tapl fit --runtime flower`` on Flower's simulation runtime (``pip install -e
   '.[flower]'``), i.e. tapl's own ClientApp on Flower; its rounds' ``seconds`` from ``metrics.jsonl``, the run
-  stopped once they are written (the run's final evaluation of 1,000 clients is not timed).
+  stopped once they are written (the run's final evaluation of 1,000 clients is not timed);
+- ``Flower simulation, plain client``: the Flower App a Flower user writes by hand, on the same simulation runtime
+  (one SuperNode per client, a CPU per simulated ClientApp), with no tapl engine in the loop: a ``ServerApp``
+  running Flower's own FedAvg (``flwr.serverapp.strategy.FedAvg``, as many nodes per round as the other rows
+  sample, no client-side evaluation) and a ``ClientApp`` whose ``train`` loads the received arrays into the model
+  and trains its node's client as ``pure compute`` does, replying with the trained arrays and the client's number
+  of training rows. Each simulation process builds the model and data once. It measures Flower's own cost per
+  round (messages, serialisation, Ray actors, aggregation) around the same per-client work; Flower samples its
+  nodes itself, so its clients are as many as the other rows' but not the same ones. A round's seconds are the
+  time between two calls of the strategy's central-evaluation callback (before round 1 and after each round).
 
 Evaluation, checkpoints and post-federation work are outside the timed rounds. Round 1 is a warm-up; the median
 of the next ``--rounds`` rounds is reported, and each row's ratio to the pure-compute row. A peer that cannot be
@@ -31,9 +40,13 @@ Example: ``python benchmarks/cross_device.py --backbones tiny minilm --rounds 2`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import itertools
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -52,9 +65,13 @@ import yaml
 from lightning.fabric.utilities.seed import seed_everything
 
 from tapl.cli import TaplCLI
+from tapl.components import ComponentState, flatten, unflatten
 from tapl.engine.cohort import FitRequest
 from tapl.federation import FederatedOrchestrator
 from tapl.pretrained import resolve_pretrained
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "cross_device.yaml"
@@ -123,33 +140,41 @@ def timed(rounds: int, run_round: Callable[[int], None]) -> float:
     return statistics.median(seconds[1:])
 
 
-def pure_compute_round(engine: FederatedOrchestrator, round: int) -> None:
-    """The round's visits as plain forward/backward/step work on the engine's model and loaders."""
-    training, model, state = engine.training, engine.model, engine.global_state
+def train_client(
+    engine: FederatedOrchestrator, client: int, state: ComponentState, round: int
+) -> tuple[ComponentState, list[torch.Tensor]]:
+    """One visit as plain forward/backward/step work on the engine's model and loader: the trained state, and the
+    loss of each step."""
+    training, model = engine.training, engine.model
     components = sorted(state)
     loss_of = engine.tasks[TASK].task_type.loss
+    fit = training.resolve(FitRequest(engine.info.clients[client], state, round, (0, round, client, 1)))
+    seed_everything(fit.seed, workers=True, verbose=False)
+    model.load_state(state)
+    model.set_trainable(components)
+    model.train()
+    params = model.parameters_of(components)
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    loader = training.data.train_dataloader(client, training.collate, fit.seed)
+    losses: list[torch.Tensor] = []
+    while len(losses) < fit.steps:
+        for batch in loader:
+            part = batch[TASK]
+            loss = loss_of(model(TASK, part["inputs"]), part["targets"])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.detach())
+            if len(losses) == fit.steps:
+                break
+    return model.get_state(components), losses
+
+
+def pure_compute_round(engine: FederatedOrchestrator, round: int) -> None:
+    """The round's visits as plain forward/backward/step work on the engine's model and loaders."""
     for client in engine.sample_clients(round):
-        fit = training.resolve(FitRequest(engine.info.clients[client], state, round, (0, round, client, 1)))
-        seed_everything(fit.seed, workers=True, verbose=False)
-        model.load_state(state)
-        model.set_trainable(components)
-        model.train()
-        params = model.parameters_of(components)
-        optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
-        loader = training.data.train_dataloader(client, training.collate, fit.seed)
-        steps = 0
-        while steps < fit.steps:
-            for batch in loader:
-                part = batch[TASK]
-                loss = loss_of(model(TASK, part["inputs"]), part["targets"])
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                steps += 1
-                if steps == fit.steps:
-                    break
-        model.get_state(components)
+        train_client(engine, client, engine.global_state, round)
 
 
 def pfl_seconds(engine: FederatedOrchestrator, rounds: int) -> float:
@@ -238,7 +263,7 @@ def flower_seconds(settings: dict[str, Any], rounds: int, work: Path) -> float:
     metrics = run_dir / "metrics.jsonl"
     command = [sys.executable, "-m", "tapl.cli", "fit", "--config", str(path), "--runtime", "flower"]
     log = (work / f"{run_dir.name}.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while process.poll() is None:
             lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -247,8 +272,133 @@ def flower_seconds(settings: dict[str, Any], rounds: int, work: Path) -> float:
             time.sleep(1)
         raise RuntimeError(f"tapl fit --runtime flower ended with code {process.returncode}: see {log.name}")
     finally:
-        process.kill()
-        process.wait()
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Kill ``process`` and its process group: Ray's processes, which outlive a killed simulation otherwise."""
+    with contextlib.suppress(ProcessLookupError):  # the group is gone when Ray shut down cleanly
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@functools.lru_cache(maxsize=1)
+def plain_engine(settings: str) -> FederatedOrchestrator:
+    """The model and data of ``settings`` (YAML of :func:`config`), built once per process."""
+    return build(yaml.safe_load(settings))
+
+
+def plain_train(message: Message, context: Context) -> Message:
+    """The plain ClientApp's ``train``: the node's client trains the received arrays as ``pure compute`` does; the
+    reply carries the trained arrays, the client's number of training rows and its mean loss."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.app import Message as Reply
+
+    config = message.content["config"]
+    engine = plain_engine(Path(str(config["settings"])).read_text())
+    client = sorted(engine.info.clients)[int(context.node_config["partition-id"])]
+    received = unflatten(dict(message.content["arrays"].to_torch_state_dict()))
+    state, losses = train_client(engine, client, received, int(config["server-round"]))
+    metrics = {
+        "train_loss": float(torch.stack(losses).mean()),
+        "num-examples": len(engine.data.dataset(client, "train")),
+    }
+    content = RecordDict({"arrays": ArrayRecord(flatten(state)), "metrics": MetricRecord(metrics)})
+    return Reply(content, reply_to=message)
+
+
+def flower_plain_run(settings_path: str, rounds: str, out: str) -> None:
+    """Run ``rounds`` + 1 rounds of the plain Flower App on Flower's simulation runtime; write to ``out`` the
+    times of the strategy's central-evaluation callback (before round 1 and after each round).
+
+    Call it with this module imported by name (not as ``__main__``), so that the simulation's processes import
+    :func:`plain_train` and keep :func:`plain_engine`'s cache instead of unpickling a copy with every message.
+    """
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+    from flwr.simulation import run_simulation
+
+    engine = plain_engine(Path(settings_path).read_text())
+    nodes, sampled = len(engine.info.clients), engine.config.num_sampled(len(engine.participants))
+    marks: list[float] = []
+    replies: list[int] = []
+    errors: list[BaseException] = []
+
+    def clock(round: int, arrays: ArrayRecord) -> None:
+        marks.append(time.perf_counter())
+
+    def aggregate(contents: list[RecordDict], weighted_by: str) -> MetricRecord:
+        replies.append(len(contents))
+        return aggregate_metricrecords(contents, weighted_by)
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(
+            fraction_train=sampled / nodes,
+            fraction_evaluate=0.0,
+            min_train_nodes=sampled,
+            min_available_nodes=nodes,
+            train_metrics_aggr_fn=aggregate,
+        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(flatten(engine.global_state)),
+                num_rounds=int(rounds) + 1,
+                train_config=ConfigRecord({"settings": settings_path}),
+                evaluate_fn=clock,
+            )
+        except BaseException as error:  # run_simulation would only log it
+            errors.append(error)
+
+    client = ClientApp()
+    client.train()(plain_train)
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=nodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    if errors:
+        raise errors[0]
+    expected = [sampled] * (int(rounds) + 1)
+    if len(marks) != int(rounds) + 2 or replies != expected:
+        raise RuntimeError(f"successful training replies per round: {replies}, not {expected}")
+    Path(out).write_text(json.dumps(marks))
+
+
+def flower_plain_seconds(settings: dict[str, Any], rounds: int, work: Path) -> float:
+    """Median seconds of rounds 2 .. rounds + 1 of the plain Flower App (:func:`flower_plain_run`), run in a
+    process of its own whose process group (Ray's processes with it) is killed afterwards."""
+    name = Path(settings["run_dir"]).name
+    path, out, log_path = work / f"{name}.yaml", work / f"{name}.json", work / f"{name}.log"
+    path.write_text(yaml.safe_dump(settings))
+    run = "import sys, cross_device; cross_device.flower_plain_run(*sys.argv[1:])"
+    command = [sys.executable, "-c", run, str(path), str(rounds), str(out)]
+    # The simulation's processes import this module by name to find the ClientApp's handler.
+    paths = [str(Path(__file__).resolve().parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = process.wait()
+        finally:
+            stop_group(process)
+    if code:
+        lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+        # A client's exception reaches the server only as Flower's log of an error reply: name the first one too.
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+        why = raised[-1] if raised else (lines[-1] if lines else "no output")
+        if raised and raised[0] != raised[-1]:
+            why += f" (first error: {raised[0]})"
+        raise RuntimeError(f"the plain Flower run ended with code {code}: {why}")
+    marks = json.loads(out.read_text())
+    return statistics.median([b - a for a, b in itertools.pairwise(marks)][1:])
 
 
 def peer(name: str, measure: Callable[[], float]) -> float | str:
@@ -266,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, after one warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--peers", nargs="*", default=["pfl", "flower"], choices=["pfl", "flower"])
+    peers = ["pfl", "flower", "flower-plain"]
+    parser.add_argument("--peers", nargs="*", default=peers, choices=peers)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the Flower run's processes
@@ -288,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
             if "flower" in args.peers:
                 settings = config(args, backbone, "sequential", work / f"{name}-flower")
                 rows["Flower simulation"] = peer("flower", lambda s=settings: flower_seconds(s, args.rounds, work))
+            if "flower-plain" in args.peers:
+                settings = config(args, backbone, "sequential", work / f"{name}-flower-plain")
+                rows["Flower simulation, plain client"] = peer(
+                    "flower-plain", lambda s=settings: flower_plain_seconds(s, args.rounds, work)
+                )
             table.extend((name, row, value) for row, value in rows.items())
             bound = rows["pure compute"]
             for row, value in rows.items():
