@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -27,10 +26,9 @@ class SharedModelModule(LightningModule):
     """A ``LightningModule`` over the process's one shared :class:`FoundationModel` (its ``model``), which stays
     where it computes when a fit or an evaluation ends.
 
-    Lightning moves a module to its device when a fit starts and back to the CPU when it ends; for the shared model
-    that would copy the whole frozen backbone to the host and back at every client visit on a GPU. Here :meth:`cpu`
-    moves only the module's own parts (metrics, stacked tensors), and so does :meth:`to` a device the shared model
-    is on already: a no-op for its tensors, but a walk over every layer of the backbone at each visit.
+    Lightning moves a module to its device when a fit starts (a no-op for tensors already there) and back to the
+    CPU when it ends; for the shared model that would copy the whole frozen backbone to the host and back at every
+    client visit on a GPU. Here :meth:`cpu` moves only the module's own parts (metrics, stacked tensors).
     """
 
     model: FoundationModel
@@ -40,18 +38,6 @@ class SharedModelModule(LightningModule):
         for child in self.children():
             if child is not self.model:
                 child.cpu()
-        return self
-
-    @override
-    def to(self, *args: Any, **kwargs: Any) -> Self:
-        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
-        shared = next(self.model.parameters(), None)
-        if dtype is not None or device is None or shared is None or shared.device != device:
-            return super().to(*args, **kwargs)
-        self._device = device
-        for child in self.children():
-            if child is not self.model:
-                child.to(*args, **kwargs)
         return self
 
 
