@@ -21,14 +21,16 @@ Rows, all on the same sampled clients and the same model (one ``FoundationModel`
   '.[flower]'``), i.e. tapl's own ClientApp on Flower; its rounds' ``seconds`` from ``metrics.jsonl``, the run
   stopped once they are written (the run's final evaluation of 1,000 clients is not timed);
 - ``Flower simulation, plain client``: the Flower App a Flower user writes by hand, on the same simulation runtime
-  (one SuperNode per client, a CPU per simulated ClientApp), with no tapl engine in the loop: a ``ServerApp``
-  running Flower's own FedAvg (``flwr.serverapp.strategy.FedAvg``, as many nodes per round as the other rows
-  sample, no client-side evaluation) and a ``ClientApp`` whose ``train`` loads the received arrays into the model
-  and trains its node's client as ``pure compute`` does, replying with the trained arrays and the client's number
-  of training rows. Each simulation process builds the model and data once. It measures Flower's own cost per
-  round (messages, serialisation, Ray actors, aggregation) around the same per-client work; Flower samples its
-  nodes itself, so its clients are as many as the other rows' but not the same ones. A round's seconds are the
-  time between two calls of the strategy's central-evaluation callback (before round 1 and after each round).
+  (one SuperNode per client; Ray given one CPU, so one ClientApp trains at a time, on one thread like every row
+  but the previous one, whose two ClientApp actors share the two cores), with no tapl engine in the loop: a
+  ``ServerApp`` running Flower's own FedAvg (``flwr.serverapp.strategy.FedAvg``, as many nodes per round as the
+  other rows sample, no client-side evaluation) and a ``ClientApp`` whose ``train`` loads the received arrays into
+  the model and trains its node's client as ``pure compute`` does, replying with the trained arrays and the
+  client's number of training rows. Each simulation process builds the model and data once. It measures Flower's
+  own cost per round (messages, serialisation, Ray actors, aggregation) around the same per-client work; Flower
+  samples its nodes itself, so its clients are as many as the other rows' but not the same ones. A round's seconds
+  are the time between two calls of the strategy's central-evaluation callback (before round 1 and after each
+  round).
 
 Evaluation, checkpoints and post-federation work are outside the timed rounds. Round 1 is a warm-up; the median
 of the next ``--rounds`` rounds is reported, and each row's ratio to the pure-compute row. A peer that cannot be
@@ -362,7 +364,8 @@ def flower_plain_run(settings_path: str, rounds: str, out: str) -> None:
         server_app=server,
         client_app=client,
         num_supernodes=nodes,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        # Ray gets one CPU, so one ClientApp runs at a time: every other row trains on one thread too.
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 1}},
     )
     if errors:
         raise errors[0]
