@@ -88,11 +88,22 @@ def _state(content: RecordDict) -> ComponentState:
 WorkerBuilder = Callable[[str], ClientWorker]
 
 
-@functools.lru_cache(maxsize=1)
+#: The one client side built in this process, by what built it: (builder's module, builder's name, config).
+_built: dict[tuple[str, str, str], ClientWorker] = {}
+
+
 def client_worker(build: WorkerBuilder, config_text: str) -> ClientWorker:
     """The client side of the tapl config ``config_text``, built once per process (a deployed node runs each
-    message in a process of its own; a simulation actor serves many nodes)."""
-    return build(config_text)
+    message in a process of its own; a simulation actor serves many nodes).
+
+    Kept by the builder's name, not its identity: a simulation actor unpickles the ClientApp with each message, and
+    a builder defined in ``__main__`` (``python -m tapl.cli``) comes back as a new function every time.
+    """
+    key = (build.__module__, build.__qualname__, config_text)
+    if key not in _built:
+        _built.clear()
+        _built[key] = build(config_text)
+    return _built[key]
 
 
 def node_client(node_config: Mapping[str, Any], clients: Sequence[int]) -> int:

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +70,25 @@ def test_the_flower_runtime_without_flower_fails_in_one_line_before_building_any
     assert stopped.value.code == 1
     assert capsys.readouterr().err == "tapl: error: --runtime flower needs Flower: pip install -e '.[flower]'\n"
     assert not (tmp_path / "run").exists()
+
+
+@needs_flower
+def test_a_node_builds_its_client_side_once_even_from_a_fresh_copy_of_the_builder() -> None:
+    from tapl.runtimes.flower import client_worker
+
+    built: list[str] = []
+
+    def build(config_text: str) -> Any:
+        built.append(config_text)
+        return object()
+
+    # What a simulation actor gets when it unpickles a builder defined in ``__main__``: a new, equal function.
+    copy = types.FunctionType(build.__code__, build.__globals__, build.__name__, closure=build.__closure__)
+    first = client_worker(build, "config: 1")
+    assert client_worker(copy, "config: 1") is first
+    assert built == ["config: 1"]
+    assert client_worker(build, "config: 2") is not first  # another run's config: built anew
+    assert built == ["config: 1", "config: 2"]
 
 
 @pytest.mark.slow
