@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tapl.datamodules.collate import MultiTaskCollator
-from tapl.datamodules.partitioners import IID, Partitioner
+from tapl.datamodules.partitioners import IID, Partitioner, _allocate
 from tapl.datamodules.validation import ROW_COLUMN, check_rows, drop_missing
 from tapl.errors import DataError
 from tapl.models.encoders import Preprocessor
@@ -533,7 +533,7 @@ def _domain_parts(
 
     Without a ``domain_column`` that is one pair: every holder and every row. With one, each domain (in sorted
     order) gets a contiguous block of the holders, one client plus a share of the rest proportional to its training
-    rows (largest remainders, ties to the earlier domain).
+    rows (the partitioners' largest-remainder rounding, ties to the earlier domain).
 
     Raises:
         DataError: if a row has no domain, a domain has no training rows, or there are fewer clients than domains.
@@ -558,9 +558,7 @@ def _domain_parts(
             f"Task {spec.name!r}: {len(holders)} client(s) cannot cover the {len(domains)} domains of column "
             f"{spec.domain_column!r} ({domains}); give the task at least {len(domains)} clients."
         )
-    quotas = (len(holders) - len(domains)) * sizes / sizes.sum()
-    counts = 1 + np.floor(quotas).astype(np.int64)
-    counts[np.argsort(-(quotas - np.floor(quotas)), kind="stable")[: len(holders) - int(counts.sum())]] += 1
+    counts = 1 + _allocate(np.array([len(holders) - len(domains)]), (sizes / sizes.sum())[:, None])[:, 0]
     ends = np.cumsum(counts)
     return [
         (holders[end - count : end], {s: np.flatnonzero(column == domain) for s, column in values.items()})
