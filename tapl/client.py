@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -26,19 +29,40 @@ class SharedModelModule(LightningModule):
     """A ``LightningModule`` over the process's one shared :class:`FoundationModel` (its ``model``), which stays
     where it computes when a fit or an evaluation ends.
 
-    Lightning moves a module to its device when a fit starts (a no-op for tensors already there) and back to the
-    CPU when it ends; for the shared model that would copy the whole frozen backbone to the host and back at every
-    client visit on a GPU. Here :meth:`cpu` moves only the module's own parts (metrics, stacked tensors).
+    Lightning moves a module to its device when a fit starts and back to the CPU when it ends; for the shared model
+    that would copy the whole frozen backbone to the host and back at every client visit on a GPU. Here :meth:`cpu`
+    moves only the module's own parts (metrics, stacked tensors), and :meth:`to` leaves the shared model alone when
+    every one of its tensors is on the target device already (walking its modules to move nothing costs a visit
+    more than the rest of Lightning's set-up).
     """
 
     model: FoundationModel
 
+    @contextmanager
+    def _without_shared_model(self) -> Iterator[None]:
+        """Hides the shared model from this module's children for the duration (registered as ``model``)."""
+        model = self._modules.pop("model")
+        try:
+            yield
+        finally:
+            self._modules["model"] = model
+
+    def _shared_model_on(self, device: torch.device) -> bool:
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        return all(t.device == device for t in tensors)
+
+    @override
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
+        if dtype is not None or device is None or not self._shared_model_on(device):
+            return super().to(*args, **kwargs)
+        with self._without_shared_model():
+            return super().to(*args, **kwargs)
+
     @override
     def cpu(self) -> Self:
-        for child in self.children():
-            if child is not self.model:
-                child.cpu()
-        return self
+        with self._without_shared_model():
+            return super().cpu()
 
 
 class ClientModule(SharedModelModule):

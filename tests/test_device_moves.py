@@ -1,9 +1,9 @@
-"""The shared model stays where it computes: no client fit or evaluation moves the frozen backbone.
+"""The shared model stays where it computes: no client fit or evaluation moves or walks the frozen backbone.
 
 Lightning moves a fit's module to its device at the start and to the CPU at the end. On a GPU the latter would
 copy the whole shared model to the host after every visit, and the former back. Counted here on the CPU through
-``Module.cpu`` and ``Module.to``: the bytes of the shared model that a ``.cpu()`` would bring to the host (all its
-tensors, wherever they are), and those a ``.to(device)`` would copy (its tensors on another device).
+``Module._apply``, which every ``.to`` and ``.cpu`` goes through: a round applies nothing to the shared model, so
+it moves none of its bytes, and spends no time walking its modules either.
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import make_text_image_model, tiny_config
 from torch import nn
 
 from tapl.cli import TaplCLI
-
-
-def tensor_bytes(module: nn.Module, moved: Any = None) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if moved is None or moved(t))
+from tapl.client import ClientModule, SharedModelModule
+from tapl.tasks import Task
 
 
 @pytest.mark.parametrize("execution", ["sequential", "batched"])
-def test_a_round_moves_none_of_the_shared_model(
+def test_a_round_applies_nothing_to_the_shared_model(
     assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, execution: str
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["tapl"])
@@ -35,28 +32,57 @@ def test_a_round_moves_none_of_the_shared_model(
     assert engine is not None
     engine.setup()
     shared = engine.model
-    moved: dict[str, int] = {"cpu": 0, "to": 0, "calls": 0}
-    real_cpu, real_to = nn.Module.cpu, nn.Module.to
+    counts = {"applied to the shared model": 0, "moves of fit modules": 0}
+    real_apply, real_to, real_cpu = nn.Module._apply, SharedModelModule.to, SharedModelModule.cpu
 
-    def holds_shared(module: nn.Module) -> bool:
-        return any(m is shared for m in module.modules())
+    def counting_apply(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        counts["applied to the shared model"] += self is shared
+        return real_apply(self, *args, **kwargs)
 
-    def counting_cpu(self: nn.Module) -> nn.Module:
-        if holds_shared(self):
-            moved["cpu"] += tensor_bytes(shared)
-        return real_cpu(self)
-
-    def counting_to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-        if holds_shared(self):
-            moved["calls"] += 1
-            device = torch._C._nn._parse_to(*args, **kwargs)[0]
-            if device is not None:
-                moved["to"] += tensor_bytes(shared, lambda t: t.device != device)
+    def counting_to(self: SharedModelModule, *args: Any, **kwargs: Any) -> SharedModelModule:
+        counts["moves of fit modules"] += 1
         return real_to(self, *args, **kwargs)
 
-    monkeypatch.setattr(nn.Module, "cpu", counting_cpu)
-    monkeypatch.setattr(nn.Module, "to", counting_to)
+    def counting_cpu(self: SharedModelModule) -> SharedModelModule:
+        counts["moves of fit modules"] += 1
+        return real_cpu(self)
+
+    monkeypatch.setattr(nn.Module, "_apply", counting_apply)
+    monkeypatch.setattr(SharedModelModule, "to", counting_to)  # the base of client and cohort modules
+    monkeypatch.setattr(SharedModelModule, "cpu", counting_cpu)
     engine._run_round(1)  # four visits and, as the last of one round, every client's evaluation
     engine._run_round(2)
-    assert moved["calls"] > 0  # Lightning did move the fits' modules: the counting saw them
-    assert moved == {"cpu": 0, "to": 0, "calls": moved["calls"]}
+    assert counts["moves of fit modules"] > 0  # Lightning did move the fits' modules: the counting saw them
+    assert counts["applied to the shared model"] == 0
+
+
+@pytest.fixture
+def module(assets: dict[str, Path]) -> ClientModule:
+    tasks = [Task(name="sentiment", type="classification", modalities=("text",), num_classes=2)]
+    model = make_text_image_model(assets["bert"], tasks)
+    return ClientModule(model, tasks, model.component_names(), torch.optim.SGD)
+
+
+def test_a_move_to_another_device_moves_the_shared_model(module: ClientModule) -> None:
+    module.to(torch.device("meta"))
+    assert module.device == torch.device("meta")
+    assert {t.device.type for t in [*module.model.parameters(), *module.model.buffers()]} == {"meta"}
+
+
+def test_a_dtype_change_converts_the_shared_model(module: ClientModule) -> None:
+    module.to(torch.float64)
+    assert module.dtype == torch.float64
+    assert {p.dtype for p in module.model.parameters()} == {torch.float64}
+
+
+def test_a_move_to_where_the_shared_model_is_skips_it_and_moves_the_modules_own_tensors(
+    module: ClientModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module.model.to(torch.device("meta"))
+    module.register_buffer("own", torch.zeros(2))
+    applied = []
+    monkeypatch.setattr(module.model, "_apply", lambda *args, **kwargs: applied.append(args))
+    module.to(torch.device("meta"))
+    assert module.own.device == torch.device("meta")
+    assert module.device == torch.device("meta")
+    assert applied == []
