@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shlex
 import time
 import traceback
@@ -55,6 +56,13 @@ CLIENT_RAISED = 2
 #: The ConfigRecord of every message, the ArrayRecord of its tensors, and the node's state record of the run's
 #: config and its client (kept when it joined).
 _TAPL, _STATE, _JOINED = "tapl", "state", "tapl.joined"
+#: Seconds between two pulls of replies (Flower's own send_and_receive waits 3 s); on the simulation runtime, where
+#: a reply is a few milliseconds of work away, a shorter wait.
+_POLL_SECONDS, _SIMULATION_POLL_SECONDS = 0.2, 0.05
+#: Messages awaiting replies at once on the simulation runtime, per simulated ClientApp (one per CPU). Its engine
+#: checks every waiting message for each of its SuperNodes ten times a second, so a round's messages sent at once
+#: cost it more CPU than the ClientApps' own work on small models; a few per ClientApp keep each busy.
+_SIMULATION_IN_FLIGHT_PER_APP = 8
 
 
 class ClientFailed(TaplError, RuntimeError):
@@ -229,8 +237,8 @@ _UNDELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILAB
 
 class FlowerWorker(ClientWorker):
     """The client side as the server sees it on Flower: every piece of client work is a Message to the node of
-    that client, sent through the ``Grid``, and a round's work goes to all its nodes at once; the clients' stores
-    live on the nodes.
+    that client, sent through the ``Grid``, and a round's work goes to its nodes at once (up to ``in_flight``
+    awaiting replies); the clients' stores live on the nodes.
 
     A node joins by saying which client it is (a ``query`` message); the federation starts once every client has
     a node. A node that leaves (Flower stops hearing its heartbeat) makes its client's work fail, or its
@@ -246,6 +254,9 @@ class FlowerWorker(ClientWorker):
         shapes: The shapes of every component's tensors (uploads are checked against them on arrival too).
         reply_timeout: Seconds to wait for a round's replies (``None``: until every node replied or left).
         join_timeout: Seconds to wait for every client's node to join (``None``: no limit).
+        in_flight: The most messages awaiting replies at once (``None``: all of a round's, sent at once); the rest
+            are sent as replies come.
+        poll_seconds: Seconds between two pulls of replies.
     """
 
     def __init__(
@@ -258,11 +269,17 @@ class FlowerWorker(ClientWorker):
         shapes: ComponentShapes,
         reply_timeout: float | None = None,
         join_timeout: float | None = None,
+        in_flight: int | None = None,
+        poll_seconds: float = _POLL_SECONDS,
     ) -> None:
+        if in_flight is not None and in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
         super().__init__(info, algorithm, training, shapes)
         self.grid = grid
         self.config_text = config_text
         self.reply_timeout = reply_timeout
+        self.in_flight = in_flight
+        self.poll_seconds = poll_seconds
         #: tapl client id -> the node id of its SuperNode.
         self.nodes: dict[int, int] = {}
         #: The run's key on the nodes (their stores of it are under that name); kept in checkpoints.
@@ -290,7 +307,7 @@ class FlowerWorker(ClientWorker):
                 raise ClientFailed(
                     f"no SuperNode joined for clients {missing} within {timeout} s (node config {TAPL_CLIENT})"
                 )
-            time.sleep(_POLL_SECONDS)
+            time.sleep(self.poll_seconds)
 
     def _join_new_nodes(self, strict: bool = False) -> None:
         """Ask every node not asked yet which client it is; a node naming a client that has one replaces it (the
@@ -315,27 +332,35 @@ class FlowerWorker(ClientWorker):
             self.nodes[client] = node
 
     def _push(self, messages: Mapping[Any, Message]) -> Iterator[tuple[Any, Answer]]:
-        """Send ``messages`` (what each is for -> the message) at once; each answer as it comes."""
+        """Send ``messages`` (what each is for -> the message), at most ``in_flight`` of them awaiting a reply at a
+        time; each answer as it comes."""
+        queued = iter(messages.items())
         waiting: dict[str, Any] = {}
-        for whom, message in messages.items():
-            ids = list(self.grid.push_messages([message]))
-            if ids:
-                waiting[ids[0]] = whom
-            else:
-                yield (
-                    whom,
-                    ClientUnreachable(f"Flower did not take the message to SuperNode {message.metadata.dst_node_id}"),
-                )
         deadline = None if self.reply_timeout is None else time.monotonic() + self.reply_timeout
-        while waiting:
-            for reply in self.grid.pull_messages(list(waiting)):
+        while True:
+            while self.in_flight is None or len(waiting) < self.in_flight:
+                whom, message = next(queued, (None, None))
+                if message is None:
+                    break
+                ids = list(self.grid.push_messages([message]))
+                if ids:
+                    waiting[ids[0]] = whom
+                else:
+                    node = message.metadata.dst_node_id
+                    yield whom, ClientUnreachable(f"Flower did not take the message to SuperNode {node}")
+            if not waiting:
+                return
+            replies = list(self.grid.pull_messages(list(waiting)))
+            for reply in replies:
                 yield waiting.pop(reply.metadata.reply_to_message_id), _answer(reply)
-            if waiting:
+            if not replies:
                 if deadline is not None and time.monotonic() > deadline:
                     for whom in waiting.values():
                         yield whom, ClientUnreachable(f"no reply within {self.reply_timeout} s")
+                    for whom, _ in queued:
+                        yield whom, ClientUnreachable(f"not sent within {self.reply_timeout} s")
                     return
-                time.sleep(_POLL_SECONDS)
+                time.sleep(self.poll_seconds)
 
     def _exchange(
         self, round: int, requests: Sequence[Request], started: Callable[[int], None]
@@ -456,10 +481,6 @@ def _answer(reply: Message) -> Answer:
     return ClientFailed(reply.error.reason or f"error {reply.error.code}")
 
 
-#: Seconds between two pulls of replies (Flower's own send_and_receive waits 3 s).
-_POLL_SECONDS = 0.2
-
-
 #: What the server side does with the federation once its clients are on the nodes: ``orchestrator.fit`` (resuming
 #: from a checkpoint or not) or ``orchestrator.test``; it returns the final results.
 Job = Callable[[], dict[str, Any]]
@@ -471,8 +492,11 @@ def run(
     job: Job,
     reply_timeout: float | None = None,
     join_timeout: float | None = None,
+    in_flight: int | None = None,
+    poll_seconds: float = _POLL_SECONDS,
 ) -> dict[str, Any]:
-    """Run ``job`` with ``orchestrator``'s clients on the nodes of ``grid`` (inside a ServerApp).
+    """Run ``job`` with ``orchestrator``'s clients on the nodes of ``grid`` (inside a ServerApp); the timeouts, the
+    messages in flight and the polling are those of :class:`FlowerWorker`.
 
     Returns:
         What ``job`` returns: the final results.
@@ -480,14 +504,20 @@ def run(
     if orchestrator.config_text is None:
         raise ValueError("the Flower runtime needs the orchestrator's config text (build it with TaplCLI)")
     orchestrator.worker_factory = functools.partial(
-        FlowerWorker, grid, orchestrator.config_text, reply_timeout=reply_timeout, join_timeout=join_timeout
+        FlowerWorker,
+        grid,
+        orchestrator.config_text,
+        reply_timeout=reply_timeout,
+        join_timeout=join_timeout,
+        in_flight=in_flight,
+        poll_seconds=poll_seconds,
     )
     return job()
 
 
 def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, job: Job) -> dict[str, Any]:
     """Run ``job`` on Flower's simulation runtime, one SuperNode per client of ``orchestrator``, each simulated
-    ClientApp on one CPU.
+    ClientApp on one CPU, with a few messages per ClientApp in flight at once.
 
     Args:
         orchestrator: The federation (built from a config: its ``config_text`` goes to the nodes).
@@ -503,7 +533,9 @@ def simulate(orchestrator: FederatedOrchestrator, build: WorkerBuilder, job: Job
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["results"] = run(orchestrator, grid, job)
+            in_flight = _SIMULATION_IN_FLIGHT_PER_APP * len(os.sched_getaffinity(0))
+            poll = _SIMULATION_POLL_SECONDS
+            outcome["results"] = run(orchestrator, grid, job, in_flight=in_flight, poll_seconds=poll)
         except BaseException as error:  # handed to the caller of run_simulation, which would only log it
             outcome["error"] = error
 

@@ -91,6 +91,44 @@ def test_a_node_builds_its_client_side_once_even_from_a_fresh_copy_of_the_builde
     assert built == ["config: 1", "config: 2"]
 
 
+class WindowGrid:
+    """A grid whose nodes reply to the oldest message awaiting a reply at each pull; it counts the most awaiting."""
+
+    def __init__(self) -> None:
+        self.awaiting: list[tuple[str, Any]] = []
+        self.most_awaiting = 0
+
+    def push_messages(self, messages: list[Any]) -> list[str]:
+        for message in messages:
+            self.awaiting.append((f"id-{message.node}", message))
+        self.most_awaiting = max(self.most_awaiting, len(self.awaiting))
+        return [f"id-{m.node}" for m in messages]
+
+    def pull_messages(self, ids: list[str]) -> list[Any]:
+        if not self.awaiting:
+            return []
+        message_id, message = self.awaiting.pop(0)
+        assert message_id in ids
+        content = {"tapl": {"payload": f'{{"node": {message.node}}}'}}
+        metadata = types.SimpleNamespace(reply_to_message_id=message_id)
+        return [types.SimpleNamespace(metadata=metadata, content=content, has_error=lambda: False)]
+
+
+@needs_flower
+@pytest.mark.parametrize(("in_flight", "most_awaiting"), [(3, 3), (None, 10)])
+def test_a_worker_keeps_at_most_in_flight_messages_awaiting_replies_and_gets_every_answer(
+    in_flight: int | None, most_awaiting: int
+) -> None:
+    from tapl.runtimes.flower import FlowerWorker
+
+    grid = WindowGrid()
+    worker = object.__new__(FlowerWorker)  # only the sending part: no federation behind it
+    worker.grid, worker.in_flight, worker.reply_timeout, worker.poll_seconds = grid, in_flight, None, 0.0
+    answers = dict(worker._push({node: types.SimpleNamespace(node=node) for node in range(10)}))
+    assert answers == {node: ({"node": node}, {}) for node in range(10)}
+    assert grid.most_awaiting == most_awaiting
+
+
 @pytest.mark.slow
 @needs_flower
 def test_a_tap_run_on_the_flower_simulation_equals_the_in_process_run(assets: dict[str, Path], tmp_path: Path) -> None:
