@@ -353,13 +353,13 @@ class FlowerWorker(ClientWorker):
             replies = list(self.grid.pull_messages(list(waiting)))
             for reply in replies:
                 yield waiting.pop(reply.metadata.reply_to_message_id), _answer(reply)
+            if waiting and deadline is not None and time.monotonic() > deadline:
+                for whom in waiting.values():
+                    yield whom, ClientUnreachable(f"no reply within {self.reply_timeout} s")
+                for whom, _ in queued:
+                    yield whom, ClientUnreachable(f"not sent within {self.reply_timeout} s")
+                return
             if not replies:
-                if deadline is not None and time.monotonic() > deadline:
-                    for whom in waiting.values():
-                        yield whom, ClientUnreachable(f"no reply within {self.reply_timeout} s")
-                    for whom, _ in queued:
-                        yield whom, ClientUnreachable(f"not sent within {self.reply_timeout} s")
-                    return
                 time.sleep(self.poll_seconds)
 
     def _exchange(
