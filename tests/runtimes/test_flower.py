@@ -129,6 +129,21 @@ def test_a_worker_keeps_at_most_in_flight_messages_awaiting_replies_and_gets_eve
     assert grid.most_awaiting == most_awaiting
 
 
+@needs_flower
+def test_the_simulation_keeps_eight_messages_per_cpu_in_flight_and_polls_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tapl.runtimes import flower
+
+    def run_simulation(server_app: Any, **kwargs: Any) -> None:  # Flower's runtime, down to calling the ServerApp
+        server_app(grid=None, context=None)
+
+    monkeypatch.setattr(flower, "run_simulation", run_simulation)
+    data = types.SimpleNamespace(clients={})
+    orchestrator = types.SimpleNamespace(config_text="config", worker_factory=None, data=data)
+    workers = flower.simulate(orchestrator, build=None, job=lambda: dict(orchestrator.worker_factory.keywords))
+    assert workers["in_flight"] == 8 * len(os.sched_getaffinity(0))
+    assert workers["poll_seconds"] == 0.05
+
+
 @pytest.mark.slow
 @needs_flower
 def test_a_tap_run_on_the_flower_simulation_equals_the_in_process_run(assets: dict[str, Path], tmp_path: Path) -> None:
